@@ -1,0 +1,1 @@
+"""Checkpoint formats: the only place that knows key names and file layouts."""

@@ -1,0 +1,145 @@
+"""What distinguishes the released CogVideoX models: configs, defaults, frame and size rules, detection.
+
+Everything version-specific lives here as data; the modules and models read it and never branch on a model name.
+Numbers are from the released diffusers configs (see ../shared/reference/cogvideox-spec.md sections 1 and 4).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .errors import CogVXError
+
+# The diffusers `CogVideoXTransformer3DModel` defaults. A config.json only lists what it sets; the rest is this.
+TRANSFORMER_DEFAULTS: dict = {
+    "num_attention_heads": 30,
+    "attention_head_dim": 64,
+    "in_channels": 16,
+    "out_channels": 16,
+    "flip_sin_to_cos": True,
+    "freq_shift": 0,
+    "time_embed_dim": 512,
+    "ofs_embed_dim": None,
+    "text_embed_dim": 4096,
+    "num_layers": 30,
+    "dropout": 0.0,
+    "attention_bias": True,
+    "sample_width": 90,
+    "sample_height": 60,
+    "sample_frames": 49,
+    "patch_size": 2,
+    "patch_size_t": None,
+    "temporal_compression_ratio": 4,
+    "max_text_seq_length": 226,
+    "activation_fn": "gelu-approximate",
+    "timestep_activation_fn": "silu",
+    "norm_elementwise_affine": True,
+    "norm_eps": 1e-5,
+    "spatial_interpolation_scale": 1.875,
+    "temporal_interpolation_scale": 1.0,
+    "use_rotary_positional_embeddings": False,
+    "use_learned_positional_embeddings": False,
+    "patch_bias": True,
+}
+
+# The diffusers `AutoencoderKLCogVideoX` defaults (every release uses this architecture).
+VAE_DEFAULTS: dict = {
+    "in_channels": 3,
+    "out_channels": 3,
+    "down_block_types": ["CogVideoXDownBlock3D"] * 4,
+    "up_block_types": ["CogVideoXUpBlock3D"] * 4,
+    "block_out_channels": [128, 256, 256, 512],
+    "latent_channels": 16,
+    "layers_per_block": 3,
+    "act_fn": "silu",
+    "norm_eps": 1e-6,
+    "norm_num_groups": 32,
+    "temporal_compression_ratio": 4,
+    "sample_height": 480,
+    "sample_width": 720,
+    "scaling_factor": 1.15258426,
+    "shift_factor": None,
+    "latents_mean": None,
+    "latents_std": None,
+    "force_upcast": True,
+    "use_quant_conv": False,
+    "use_post_quant_conv": False,
+    "invert_scale_latents": False,
+}
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One released model family. Small models of the same architecture map to the same variant."""
+
+    name: str  # stable id used in files, nodes and the CLI: "2b", "5b", "5b-i2v", "1.5-5b", "1.5-5b-i2v"
+    title: str  # the Hub name, for messages
+    generation: str  # "1.0" or "1.5"
+    i2v: bool  # takes a start image (32 input channels)
+    positions: str  # "sincos" | "rope" | "rope+learned"
+    frames: int  # default pixel frames
+    frame_step: int  # recommended frame counts are frame_step * N + 1
+    max_frames: int
+    fps: int
+    width: int  # default pixel size
+    height: int
+    scaling_factor: float  # VAE latent scale
+    invert_scale_latents: bool  # 1.5-I2V divides image latents by the scale instead of multiplying
+    snr_shift_scale: float  # scheduler SNR shift (3.0 for 2b)
+    dtype: str  # recommended compute dtype
+    transformer: dict = field(default_factory=dict, repr=False)  # diffusers config fields that differ from defaults
+
+    def transformer_config(self, **overrides) -> dict:
+        return {**TRANSFORMER_DEFAULTS, **self.transformer, **overrides}
+
+    @property
+    def patch_size_t(self) -> int:
+        return self.transformer.get("patch_size_t") or 1
+
+    def latent_frames(self, frames: int) -> int:
+        """Latent frames the VAE makes of `frames` pixel frames (4k+1 -> k+1)."""
+        return (frames - 1) // 4 + 1
+
+
+_5B = {"num_attention_heads": 48, "num_layers": 42, "use_rotary_positional_embeddings": True}
+_15 = {**_5B, "patch_size_t": 2, "patch_bias": False, "sample_height": 300, "sample_width": 300, "sample_frames": 81}
+
+VARIANTS: dict[str, Variant] = {
+    v.name: v
+    for v in [
+        Variant("2b", "CogVideoX-2b", "1.0", False, "sincos", 49, 8, 49, 8, 720, 480, 1.15258426, False, 3.0,
+                "float16", {}),
+        Variant("5b", "CogVideoX-5b", "1.0", False, "rope", 49, 8, 49, 8, 720, 480, 0.7, False, 1.0,
+                "bfloat16", dict(_5B)),
+        Variant("5b-i2v", "CogVideoX-5b-I2V", "1.0", True, "rope+learned", 49, 8, 49, 8, 720, 480, 0.7, False, 1.0,
+                "bfloat16", {**_5B, "in_channels": 32, "use_learned_positional_embeddings": True}),
+        Variant("1.5-5b", "CogVideoX1.5-5B", "1.5", False, "rope", 81, 16, 161, 16, 1360, 768, 0.7, True, 1.0,
+                "bfloat16", dict(_15)),
+        Variant("1.5-5b-i2v", "CogVideoX1.5-5B-I2V", "1.5", True, "rope", 81, 16, 161, 16, 1360, 768, 0.7, True, 1.0,
+                "bfloat16", {**_15, "in_channels": 32, "ofs_embed_dim": 512}),
+    ]
+}
+
+
+def get_variant(name: str) -> Variant:
+    key = name.strip().lower().replace("cogvideox", "").replace("_", "-").lstrip("-")
+    key = {"1.5": "1.5-5b", "1.5-i2v": "1.5-5b-i2v", "i2v": "5b-i2v"}.get(key, key)
+    if key not in VARIANTS:
+        raise CogVXError(f"Unknown CogVideoX variant {name!r}. Known variants: {', '.join(VARIANTS)}.")
+    return VARIANTS[key]
+
+
+def detect_variant(transformer_config: dict) -> Variant:
+    """The released variant whose architecture features a transformer config has (any width or depth)."""
+    cfg = {**TRANSFORMER_DEFAULTS, **transformer_config}
+    i2v = cfg["in_channels"] == 2 * cfg["out_channels"]
+    if cfg["patch_size_t"]:
+        return VARIANTS["1.5-5b-i2v" if i2v else "1.5-5b"]
+    if not cfg["use_rotary_positional_embeddings"]:
+        if i2v:
+            raise CogVXError("A CogVideoX 1.0 image-to-video transformer without rotary embeddings is not a released "
+                             "architecture; check the checkpoint's transformer config.")
+        return VARIANTS["2b"]
+    if cfg["use_learned_positional_embeddings"] or i2v:
+        return VARIANTS["5b-i2v"]
+    return VARIANTS["5b"]
