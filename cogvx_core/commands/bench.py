@@ -1,0 +1,131 @@
+"""`cogvx bench`: our transformer forward and VAE decode against the reference (diffusers) in the same process.
+
+Both run the same random weights on the same inputs; the report gives times, peak memory and ours/reference ratios.
+diffusers is needed only here, and only when it is installed.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import statistics
+import time
+
+import torch
+
+from ..errors import CogVXError
+from ..variants import get_variant
+
+HELP = "benchmark the transformer forward and VAE decode against the reference implementation"
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--variant", default="5b", help="architecture of the benchmarked transformer (default 5b)")
+    p.add_argument("--layers", type=int, default=2, help="transformer blocks (default 2; the released have 30/42)")
+    p.add_argument("--frames", type=int, default=9, help="pixel frames (default 9 -> 3 latent frames)")
+    p.add_argument("--height", type=int, default=256)
+    p.add_argument("--width", type=int, default=384)
+    p.add_argument("--dtype", choices=list(DTYPES), default="float32")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--only", choices=["transformer", "vae"], help="run one of the two benchmarks")
+
+
+def _time(fn, repeats: int, sync) -> float:
+    fn()  # warm-up
+    sync()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def bench_transformer(args) -> dict:
+    from ..transformer import build_transformer
+
+    variant = get_variant(args.variant)
+    device, dtype = torch.device(args.device), DTYPES[args.dtype]
+    cfg = variant.transformer_config(num_layers=args.layers)
+    if cfg["patch_size_t"]:
+        cfg.update(sample_height=300, sample_width=300)
+    lat_t, lat_h, lat_w = (args.frames - 1) // 4 + 1, args.height // 8, args.width // 8
+    if cfg["patch_size_t"] and lat_t % 2:
+        lat_t += 1
+    if cfg["use_learned_positional_embeddings"]:
+        lat_t, lat_h, lat_w = 13, 60, 90
+    ours = build_transformer(cfg, device="cpu", dtype=torch.float32)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in ours.state_dict().values():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.02)
+    from diffusers import CogVideoXTransformer3DModel
+    from diffusers.pipelines.cogvideo.pipeline_cogvideox import CogVideoXPipeline
+    import types
+
+    ref = CogVideoXTransformer3DModel(**cfg)
+    ref.load_state_dict(ours.state_dict(), strict=False)
+    ours, ref = ours.to(device, dtype).eval(), ref.to(device, dtype).eval()
+
+    x = torch.randn(1, cfg["in_channels"], lat_t, lat_h, lat_w, generator=g).to(device, dtype)
+    ctx = torch.randn(1, cfg["max_text_seq_length"], cfg["text_embed_dim"], generator=g).to(device, dtype)
+    t = torch.tensor([500], device=device)
+    ofs = torch.tensor([2.0], device=device) if cfg["ofs_embed_dim"] else None
+    x_ref = x.permute(0, 2, 1, 3, 4).contiguous()
+
+    def run_ref():
+        rope = None
+        if cfg["use_rotary_positional_embeddings"]:  # the reference pipeline makes its tables per call too
+            fake = types.SimpleNamespace(transformer=ref, vae_scale_factor_spatial=8)
+            rope = CogVideoXPipeline._prepare_rotary_positional_embeddings(fake, lat_h * 8, lat_w * 8, lat_t, device)
+        return ref(hidden_states=x_ref, encoder_hidden_states=ctx, timestep=t, ofs=ofs, image_rotary_emb=rope,
+                   return_dict=False)[0]
+
+    def run_ours():
+        return ours(x, t, ctx, ofs)
+
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    result = {"tokens": ctx.shape[1] + lat_t * lat_h * lat_w // (4 * (cfg["patch_size_t"] or 1))}
+    with torch.no_grad():
+        err = ((run_ours().float() - run_ref().permute(0, 2, 1, 3, 4).float()).norm() /
+               run_ref().float().norm()).item()
+        for name, fn in (("reference", run_ref), ("ours", run_ours)):
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats()
+                base = torch.cuda.memory_allocated()
+            result[f"{name}_s"] = _time(fn, args.repeats, sync)
+            if device.type == "cuda":
+                result[f"{name}_peak_mib"] = (torch.cuda.max_memory_allocated() - base) / 2**20
+    result["time_ratio"] = result["ours_s"] / result["reference_s"]
+    if "ours_peak_mib" in result:
+        result["memory_ratio"] = result["ours_peak_mib"] / result["reference_peak_mib"]
+    result["rel_l2"] = err
+    return result
+
+
+def run(args) -> int:
+    if importlib.util.find_spec("diffusers") is None:
+        raise CogVXError("The benchmark compares against diffusers, which is not installed: "
+                         "pip install diffusers (or `pip install -e .[test]`).")
+    torch.manual_seed(0)
+    print(f"device {args.device}, dtype {args.dtype}, torch {torch.__version__}, threads {torch.get_num_threads()}")
+    if args.only in (None, "transformer"):
+        r = bench_transformer(args)
+        print(f"transformer forward ({args.variant} architecture, {args.layers} layers, {r['tokens']} tokens): "
+              f"ours {r['ours_s'] * 1000:.1f} ms, reference {r['reference_s'] * 1000:.1f} ms, "
+              f"ratio {r['time_ratio']:.3f}x" +
+              (f"; peak memory ours {r['ours_peak_mib']:.0f} MiB, reference {r['reference_peak_mib']:.0f} MiB, "
+               f"ratio {r['memory_ratio']:.3f}x" if "memory_ratio" in r else "") +
+              f"; output rel. L2 difference {r['rel_l2']:.1e}")
+    if args.only in (None, "vae"):
+        try:
+            from .bench_vae import run_vae_bench
+        except ImportError:
+            print("VAE benchmark: not available yet")
+        else:
+            run_vae_bench(args)
+    return 0
