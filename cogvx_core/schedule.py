@@ -1,8 +1,8 @@
 """The CogVideoX noise schedule: alphas_cumprod, inference timesteps, forward noising, img2img strength.
 
-Matches diffusers' CogVideoXDDIMScheduler / CogVideoXDPMScheduler `__init__` and `set_timesteps` and the video-to-video
-pipeline's `get_timesteps` (spec sections 1.3, 4.1, 4.2, 4.5). Both schedulers share this schedule; which one is used is a
-sampler choice (cogvx_core/samplers.py).
+Matches diffusers' CogVideoXDDIMScheduler / CogVideoXDPMScheduler `__init__` and `set_timesteps` and the
+video-to-video pipeline's `get_timesteps` (spec sections 1.3, 4.1, 4.2, 4.5). Both schedulers share this schedule;
+which one is used is a sampler choice (cogvx_core/samplers.py).
 
 Bit-exactness matters here: alphas_cumprod is built in float64 with the same operation order as the reference, and
 the per-step coefficients are 0-d float64 tensors (not Python floats) so the samplers promote and round exactly as the

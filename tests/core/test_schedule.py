@@ -8,7 +8,7 @@ import torch
 from cogvx_core.errors import CogVXError
 from cogvx_core.schedule import NoiseSchedule
 
-diffusers = pytest.importorskip("diffusers", reason="diffusers is the reference oracle for these parity tests")
+pytest.importorskip("diffusers", reason="diffusers is the reference oracle for these parity tests")
 from diffusers import CogVideoXDDIMScheduler, CogVideoXDPMScheduler  # noqa: E402
 from diffusers.pipelines.cogvideo.pipeline_cogvideox_video2video import CogVideoXVideoToVideoPipeline  # noqa: E402
 
@@ -51,7 +51,8 @@ def test_alphas_cumprod_bit_equal(cfg, cls):
 
 
 def test_variant_schedules_match_released_configs():
-    assert torch.equal(NoiseSchedule.for_variant("2b").alphas_cumprod, NoiseSchedule.from_config(RELEASED_2B).alphas_cumprod)
+    assert torch.equal(NoiseSchedule.for_variant("2b").alphas_cumprod,
+                       NoiseSchedule.from_config(RELEASED_2B).alphas_cumprod)
     for name in ("5b", "5b-i2v", "1.5-5b", "1.5-5b-i2v"):
         assert torch.equal(NoiseSchedule.for_variant(name).alphas_cumprod,
                            NoiseSchedule.from_config(RELEASED_5B).alphas_cumprod)
