@@ -91,13 +91,13 @@ def our_predict(model):
     return predict
 
 
-def run_both(sampler, dtype, guidance, dynamic_cfg, num_steps=50, strength=None, device="cpu"):
+def run_both(sampler, dtype, guidance, dynamic_cfg, num_steps=50, strength=None, device="cpu", config=CONFIG):
     """Run the reference and our loop from the same seed; return (reference records, our records, generators)."""
     cls = CogVideoXDPMScheduler if sampler == "dpm" else CogVideoXDDIMScheduler
-    scheduler = cls.from_config(CONFIG)
+    scheduler = cls.from_config(config)
     scheduler.set_timesteps(num_steps, device=device)  # the pipeline keeps timesteps on its device
     ref_timesteps, ref_n = scheduler.timesteps, num_steps
-    schedule = NoiseSchedule.from_config(CONFIG)
+    schedule = NoiseSchedule.from_config(config)
     timesteps = schedule.timesteps(num_steps)
     if strength is not None:  # video-to-video: the tail of the schedule, noise added at its first timestep
         ref_timesteps = ref_timesteps[num_steps - min(int(num_steps * strength), num_steps):]
@@ -162,6 +162,15 @@ def test_short_runs_match_reference(sampler, num_steps):
 def test_video_to_video_tail_matches_reference(sampler):
     # Step sizes follow the full 50-step schedule while dynamic CFG counts the 40 steps run (as the V2V pipeline).
     assert_same_run(*run_both(sampler, torch.bfloat16, 6.0, True, num_steps=50, strength=0.8))
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "dpm"])
+@pytest.mark.parametrize("spacing", ["leading", "linspace"])
+def test_epsilon_prediction_matches_reference(sampler, spacing):
+    # Not a released CogVideoX setting, but accepted by from_config, so it must behave as the reference too.
+    config = {**CONFIG, "prediction_type": "epsilon", "rescale_betas_zero_snr": False, "snr_shift_scale": 3.0,
+              "timestep_spacing": spacing, "steps_offset": 1}
+    assert_same_run(*run_both(sampler, torch.float32, 6.0, False, num_steps=10, config=config))
 
 
 def test_dpm_draws_one_two_two_one():
