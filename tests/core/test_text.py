@@ -142,6 +142,16 @@ def test_missing_tokenizer_names_where_it_looked(t5, tmp_path):
         load_t5_tokenizer(tmp_path)
 
 
+@pytest.mark.skipif(int(transformers.__version__.split(".")[0]) < 5,
+                    reason="transformers 4 reads spiece.model with sentencepiece alone")
+def test_spiece_without_protobuf_names_the_fix(t5, monkeypatch):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "google.protobuf" else real(name, *a))
+    with pytest.raises(CogVXError, match=r"pip install protobuf"):
+        load_t5_tokenizer(t5["tok_dir"])
+
+
 def test_tokenizer_larger_than_the_vocab_is_refused(t5):
     small = T5EncoderModel(T5Config(vocab_size=32, d_model=8, d_ff=8, d_kv=4, num_heads=2, num_layers=1))
     with pytest.raises(CogVXError, match="do not belong together"):
