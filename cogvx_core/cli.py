@@ -15,6 +15,7 @@ from .errors import CogVXError
 
 # name -> module under cogvx_core.commands; imported lazily so `--help` and unrelated commands stay fast.
 COMMANDS = {
+    "generate": "generate",
     "bench": "bench",
 }
 

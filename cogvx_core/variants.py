@@ -143,3 +143,59 @@ def detect_variant(transformer_config: dict) -> Variant:
     if cfg["use_learned_positional_embeddings"] or i2v:
         return VARIANTS["5b-i2v"]
     return VARIANTS["5b"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Frame and size rules, applied before any work
+# ---------------------------------------------------------------------------------------------------------------
+def _nearest_multiple(value: int, step: int, lowest: int) -> int:
+    return max(lowest, int(round(value / step)) * step)
+
+
+def snap_frames(frames: int) -> int:
+    """The nearest valid pixel frame count 4k+1 (ties go up)."""
+    return max(1, 4 * int((max(frames, 1) - 1) / 4 + 0.5) + 1)
+
+
+def snap_request(variant: Variant, frames: int, height: int, width: int, *, has_image: bool,
+                 released: bool = True) -> tuple[int, int, int, list[str]]:
+    """Valid (frames, height, width) for `variant`, with one note per change or hint.
+
+    Structural rules hold for every model: 4k+1 frames, sizes that are multiples of 16, an image for image-to-video
+    models and none for text-to-video ones. `released` adds the release's own limits: 720x480 for 5b-I2V (its learned
+    position table), and for 1.5-I2V a shorter side of 768 and a longer side of at most 1360.
+    """
+    if variant.i2v and not has_image:
+        raise CogVXError(f"{variant.title} is an image-to-video model: give it a start image, or load a "
+                         "text-to-video model.")
+    if not variant.i2v and has_image:
+        raise CogVXError(f"{variant.title} is a text-to-video model and cannot take a start image: load an "
+                         "image-to-video model (5b-I2V or 1.5-5B-I2V), or remove the image.")
+    notes: list[str] = []
+    if frames < 1:
+        raise CogVXError(f"Frame count must be at least 1, got {frames}.")
+    new = snap_frames(frames)
+    if new != frames:
+        notes.append(f"frames {frames} -> {new}: the VAE needs 4k+1 frames")
+        frames = new
+    if released and (frames - 1) % variant.frame_step:
+        notes.append(f"hint: {variant.title} was trained on {variant.frame_step}N+1 frames (e.g. {variant.frames})")
+    if released and frames > variant.max_frames:
+        notes.append(f"hint: {variant.title} was trained on at most {variant.max_frames} frames; longer videos degrade")
+
+    if released and variant.positions == "rope+learned" and (width, height) != (variant.width, variant.height):
+        notes.append(f"size {width}x{height} -> {variant.width}x{variant.height}: {variant.title}'s learned "
+                     "positions exist for that size only")
+        return frames, variant.height, variant.width, notes
+    if released and variant.i2v and variant.generation == "1.5":
+        short, long_ = (height, width) if height <= width else (width, height)
+        new_long = min(1360, max(768, _nearest_multiple(long_ * 768 / max(short, 1), 16, 16)))
+        new_h, new_w = (768, new_long) if height <= width else (new_long, 768)
+        if (new_h, new_w) != (height, width):
+            notes.append(f"size {width}x{height} -> {new_w}x{new_h}: {variant.title} needs a shorter side of 768 "
+                         "and a longer side of at most 1360")
+        return frames, new_h, new_w, notes
+    new_h, new_w = _nearest_multiple(height, 16, 16), _nearest_multiple(width, 16, 16)
+    if (new_h, new_w) != (height, width):
+        notes.append(f"size {width}x{height} -> {new_w}x{new_h}: sizes must be multiples of 16")
+    return frames, new_h, new_w, notes

@@ -1,0 +1,107 @@
+"""`cogvx generate`: text-, image- or video-to-video from a diffusers-format model folder."""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from ..errors import CogVXError
+
+HELP = "generate a video from a prompt (and a start image or an input video)"
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--model", help="diffusers-format CogVideoX folder (model_index.json, transformer/, vae/, ...)")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--negative-prompt", default="")
+    p.add_argument("--image", help="start image (image-to-video models)")
+    p.add_argument("--video", help="input video file or folder of frames (video-to-video)")
+    p.add_argument("--strength", type=float, default=0.8, help="video-to-video denoise strength (default 0.8)")
+    p.add_argument("--frames", type=int, help="pixel frames, 4k+1 (default: the model's)")
+    p.add_argument("--height", type=int)
+    p.add_argument("--width", type=int)
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--guidance", type=float, default=6.0)
+    p.add_argument("--dynamic-cfg", action="store_true", help="the reference's dynamic guidance schedule")
+    p.add_argument("--sampler", choices=["ddim", "dpm"], default="ddim")
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--dtype", choices=list(DTYPES), help="compute dtype (default: the model's recommended)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--fps", type=int, help="frames per second of the written video (default: the model's)")
+    p.add_argument("--lora", action="append", default=[], metavar="PATH[:STRENGTH]",
+                   help="apply a LoRA (repeatable); strength defaults to 1.0")
+    p.add_argument("--out", required=True, help=".mp4/.webm/.gif writes a video; any other path a folder of PNGs")
+
+
+class _Bar:
+    """A one-line progress bar on stderr with the step time."""
+
+    def __init__(self, label: str):
+        self.label, self.start = label, time.perf_counter()
+
+    def __call__(self, done: int, total: int) -> None:
+        width = 30
+        filled = int(width * done / max(total, 1))
+        rate = (time.perf_counter() - self.start) / max(done, 1)
+        sys.stderr.write(f"\r{self.label} [{'#' * filled}{'.' * (width - filled)}] {done}/{total} {rate:.2f}s/it")
+        if done >= total:
+            sys.stderr.write("\n")
+        sys.stderr.flush()
+
+
+def _parse_lora(spec: str) -> tuple[str, float]:
+    path, sep, strength = spec.rpartition(":")
+    if sep and path and not path.endswith(("\\", "/")):
+        try:
+            return path, float(strength)
+        except ValueError:
+            pass
+    return spec, 1.0
+
+
+def run(args) -> int:
+    from ..pipeline import load_pipeline
+    from ..video_io import frames_to_model_input, pil_to_model_input, read_frames, read_image, write_frames
+
+    if args.model is None:
+        raise CogVXError("--model is required: a diffusers-format CogVideoX folder.")
+    if not Path(args.model).exists():
+        raise CogVXError(f"--model {args.model}: no such folder.")
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise CogVXError("--device cuda: no CUDA device is available; use --device cpu.")
+    dtype = DTYPES[args.dtype] if args.dtype else None
+    pipe = load_pipeline(args.model, dtype=dtype, device=device)
+    variant = pipe.variant
+    if args.lora:
+        from ..lora import apply_loras, load_lora
+
+        apply_loras(pipe.transformer, [(load_lora(p), s) for p, s in map(_parse_lora, args.lora)])
+
+    height, width = args.height, args.width
+    image = video = None
+    if args.image:
+        pil = read_image(args.image)
+        height, width = height or variant.height, width or variant.width
+        image = pil_to_model_input(pil, height, width)[None].to(pipe.dtype)  # (1, 3, H, W)
+    if args.video:
+        frames = read_frames(args.video)  # (T, H, W, 3)
+        height, width = height or frames.shape[1], width or frames.shape[2]
+        video = frames_to_model_input(frames, height, width)[None].to(pipe.dtype)  # (1, 3, T, H, W)
+        if args.frames:
+            video = video[:, :, : args.frames]
+
+    result = pipe.generate(args.prompt, args.negative_prompt, image=image, video=video, strength=args.strength,
+                           frames=args.frames, height=height, width=width, steps=args.steps,
+                           guidance=args.guidance, dynamic_cfg=args.dynamic_cfg, sampler=args.sampler,
+                           seed=args.seed, progress=_Bar("sampling"))
+    for note in result.notes:
+        print(f"note: {note}", file=sys.stderr)
+    out = write_frames(result.frames[0], args.out, fps=args.fps or variant.fps)
+    print(out)
+    return 0

@@ -1,0 +1,97 @@
+"""Reading and writing frames: video files (mp4, webm, gif through imageio-ffmpeg / pillow), PNG frame folders, images.
+
+Frames are float tensors (T, H, W, 3) in [0, 1], ComfyUI's IMAGE layout.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .errors import CogVXError
+
+VIDEO_SUFFIXES = (".mp4", ".webm", ".gif", ".mov", ".mkv", ".avi")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+def to_uint8(frames: torch.Tensor) -> np.ndarray:
+    """(T, H, W, 3) in [0, 1] -> uint8, rounded as PIL/diffusers' numpy_to_pil does ((x * 255).round())."""
+    return (frames.detach().float().clamp(0, 1).cpu().numpy() * 255).round().astype(np.uint8)
+
+
+def write_frames(frames: torch.Tensor, out: str | Path, fps: int = 8) -> Path:
+    """Writes (T, H, W, 3) frames: .mp4/.webm/.gif as a video, any other path as a folder of lossless PNGs."""
+    out = Path(out)
+    data = to_uint8(frames)
+    suffix = out.suffix.lower()
+    if suffix in (".mp4", ".webm", ".gif"):
+        import imageio.v2 as imageio
+
+        out.parent.mkdir(parents=True, exist_ok=True)
+        if suffix == ".gif":
+            Image.fromarray(data[0]).save(out, save_all=True, append_images=[Image.fromarray(f) for f in data[1:]],
+                                          duration=int(1000 / fps), loop=0)
+        else:
+            codec = "libvpx-vp9" if suffix == ".webm" else "libx264"
+            with imageio.get_writer(out, fps=fps, codec=codec, quality=8, macro_block_size=1) as writer:
+                for frame in data:
+                    writer.append_data(frame)
+        return out
+    out.mkdir(parents=True, exist_ok=True)
+    for i, frame in enumerate(data):
+        Image.fromarray(frame).save(out / f"{i:05d}.png")
+    return out
+
+
+def read_image(path: str | Path) -> Image.Image:
+    path = Path(path)
+    if not path.is_file():
+        raise CogVXError(f"{path}: no such image file.")
+    try:
+        return Image.open(path).convert("RGB")
+    except Exception as e:  # PIL raises many types for bad files
+        raise CogVXError(f"{path}: cannot read this image ({e}); use a PNG or JPEG file.")
+
+
+def read_frames(path: str | Path) -> torch.Tensor:
+    """A video file or a folder of image frames (sorted by name) -> (T, H, W, 3) float in [0, 1]."""
+    path = Path(path)
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        if not files:
+            raise CogVXError(f"{path}: this folder has no image frames ({', '.join(IMAGE_SUFFIXES)}).")
+        arrays = [np.asarray(read_image(f)) for f in files]
+        if len({a.shape for a in arrays}) > 1:
+            raise CogVXError(f"{path}: the frames have different sizes; every frame must have the same size.")
+        data = np.stack(arrays)
+    elif path.is_file():
+        if path.suffix.lower() not in VIDEO_SUFFIXES:
+            raise CogVXError(f"{path}: not a video file ({', '.join(VIDEO_SUFFIXES)}) or a folder of frames.")
+        try:
+            import imageio.v2 as imageio
+
+            data = np.stack([np.asarray(f)[..., :3] for f in imageio.mimread(path, memtest=False)])
+        except Exception as e:
+            raise CogVXError(f"{path}: cannot decode this video ({e}); the file may be corrupt.")
+    else:
+        raise CogVXError(f"{path}: no such video file or frame folder.")
+    return torch.from_numpy(data).float() / 255.0
+
+
+def pil_to_model_input(image: Image.Image, height: int, width: int) -> torch.Tensor:
+    """A PIL image -> (3, H, W) in [-1, 1], resized with Lanczos as the reference's image processor does."""
+    if image.size != (width, height):
+        image = image.resize((width, height), resample=Image.LANCZOS)
+    array = np.asarray(image.convert("RGB")).astype(np.float32) / 255.0
+    return torch.from_numpy(array).permute(2, 0, 1) * 2.0 - 1.0
+
+
+def frames_to_model_input(frames: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """(T, H, W, 3) in [0, 1] -> (3, T, height, width) in [-1, 1], each frame resized like an image if needed."""
+    if frames.shape[1:3] != (height, width):
+        out = [pil_to_model_input(Image.fromarray(f), height, width) for f in to_uint8(frames)]
+        return torch.stack(out, dim=1)
+    return frames.permute(3, 0, 1, 2).float() * 2.0 - 1.0
