@@ -132,3 +132,111 @@ def to_sat_keys(sd: dict) -> dict:
         out[f"{P}{top[mod]}.{kind}"] = v
     out[P + "mixins.pos_embed.freqs_sin"] = torch.zeros(3)  # SAT RoPE caches, dropped on load
     return out
+
+
+# -- a tiny T5 with a sentencepiece tokenizer trained here --------------------------------------------------------
+_WORDS = {"size": ["small", "big", "tiny", "old", "young", "huge"],
+          "colour": ["red", "blue", "gold", "grey", "pink", "dark"],
+          "animal": ["cat", "dog", "fox", "owl", "bird", "horse"],
+          "place": ["beach", "road", "grass", "hill", "river", "street"],
+          "sky": ["stormy", "bright", "clear", "cloudy", "pale", "golden"]}
+
+
+def caption_sentences() -> list[str]:
+    out = []
+    for i in range(36):  # every word of every list appears (the index steps are coprime to 6)
+        w = {k: v[(i * step + i // 6) % 6] for step, (k, v) in zip((1, 5, 1, 5, 0), _WORDS.items())}
+        out.append(f"a {w['size']} {w['colour']} {w['animal']} runs along the {w['place']} under a {w['sky']} sky, "
+                   f"light and shadow, scene {i}")
+    return out
+
+
+def train_spiece(sentences=None, vocab_size: int = 64) -> bytes:
+    """A tiny unigram sentencepiece model with T5's special ids: pad 0, eos 1, unk 2, no bos."""
+    import io
+
+    import sentencepiece as spm
+
+    buf = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(sentences or caption_sentences()), model_writer=buf, vocab_size=vocab_size,
+        hard_vocab_limit=False, model_type="unigram", pad_id=0, eos_id=1, unk_id=2, bos_id=-1, pad_piece="<pad>",
+        eos_piece="</s>", unk_piece="<unk>", minloglevel=2, num_threads=1)
+    return buf.getvalue()
+
+
+def write_tiny_t5(root, d_model: int = 32, seed: int = 0):
+    """root/tokenizer/spiece.model and root/text_encoder/ (a random T5 v1.1 encoder) as diffusers folders hold them."""
+    from pathlib import Path
+
+    from transformers import T5Config, T5EncoderModel, T5Tokenizer
+
+    root = Path(root)
+    (root / "tokenizer").mkdir(parents=True, exist_ok=True)
+    (root / "tokenizer" / "spiece.model").write_bytes(train_spiece())
+    tokenizer = T5Tokenizer.from_pretrained(str(root / "tokenizer"))
+    torch.manual_seed(seed)
+    config = T5Config(vocab_size=len(tokenizer) + 6, d_model=d_model, d_ff=48, d_kv=8, num_heads=4, num_layers=2,
+                      feed_forward_proj="gated-gelu", relative_attention_num_buckets=32, dropout_rate=0.0)
+    T5EncoderModel(config).eval().save_pretrained(str(root / "text_encoder"))
+    return root
+
+
+# -- whole diffusers-format model folders -----------------------------------------------------------------------
+PIPELINE_VAE = dict(block_out_channels=[8, 16, 16, 32], latent_channels=16, layers_per_block=1, norm_num_groups=4,
+                    sample_height=128, sample_width=192)
+
+
+def write_pipeline_folder(root, variant: str, seed: int = 0):
+    """A complete diffusers-format CogVideoX folder with small random components of `variant`'s architecture."""
+    import json
+    from pathlib import Path
+
+    from diffusers import AutoencoderKLCogVideoX, CogVideoXDDIMScheduler
+
+    from cogvx_core.transformer import build_transformer
+
+    root = Path(root)
+    v = VARIANTS[variant]
+    cfg = small_transformer_config(variant)
+    model = randomize_(build_transformer(cfg, device="cpu"), seed=seed, qk_gain=1.0)
+    reference_transformer(cfg, model.state_dict()).save_pretrained(root / "transformer")
+    vae_cfg = dict(PIPELINE_VAE, scaling_factor=v.scaling_factor, invert_scale_latents=v.invert_scale_latents)
+    torch.manual_seed(seed + 1)
+    vae = AutoencoderKLCogVideoX(**vae_cfg)
+    with torch.no_grad():
+        for name, p in vae.named_parameters():
+            if name.endswith("bias") or p.ndim == 1:
+                p.copy_(0.05 * torch.randn_like(p) + (1.0 if name.endswith("weight") else 0.0))
+    vae.save_pretrained(root / "vae")
+    write_tiny_t5(root, d_model=cfg["text_embed_dim"], seed=seed + 2)
+    CogVideoXDDIMScheduler(beta_schedule="scaled_linear", prediction_type="v_prediction", timestep_spacing="trailing",
+                           rescale_betas_zero_snr=True, set_alpha_to_one=True, clip_sample=False,
+                           snr_shift_scale=v.snr_shift_scale).save_pretrained(root / "scheduler")
+    cls = "CogVideoXImageToVideoPipeline" if v.i2v else "CogVideoXPipeline"
+    (root / "model_index.json").write_text(json.dumps({
+        "_class_name": cls, "_diffusers_version": "0.32.0", "scheduler": ["diffusers", "CogVideoXDDIMScheduler"],
+        "text_encoder": ["transformers", "T5EncoderModel"], "tokenizer": ["transformers", "T5Tokenizer"],
+        "transformer": ["diffusers", "CogVideoXTransformer3DModel"], "vae": ["diffusers", "AutoencoderKLCogVideoX"]}))
+    return root
+
+
+def reference_pipeline(root, kind: str = "t2v", sampler: str = "ddim"):
+    """diffusers' pipeline of `kind` ("t2v", "i2v", "v2v") loaded from a folder made by write_pipeline_folder."""
+    import diffusers
+
+    cls = {"t2v": diffusers.CogVideoXPipeline, "i2v": diffusers.CogVideoXImageToVideoPipeline,
+           "v2v": diffusers.CogVideoXVideoToVideoPipeline}[kind]
+    pipe = cls.from_pretrained(str(root))
+    if sampler == "dpm":
+        pipe.scheduler = diffusers.CogVideoXDPMScheduler.from_config(pipe.scheduler.config)
+    return pipe
+
+
+def psnr(a, b) -> float:
+    """PSNR in dB of two uint8-range arrays or tensors."""
+    import numpy as np
+
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    mse = np.mean((a - b) ** 2)
+    return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
