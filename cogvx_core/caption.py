@@ -557,7 +557,7 @@ def upsample(prompt: str, backend: Backend, *, max_new_tokens: int = DEFAULT_MAX
         raise CogVXError("the prompt to upsample is empty; write a short description of the video you want.")
     if max_new_tokens < 1:
         raise CogVXError(f"max_new_tokens must be at least 1, got {max_new_tokens}.")
-    if token_budget is not None and token_budget < 8:
+    if token_budget is not None and token_budget < 2:
         raise CogVXError(f"token_budget {token_budget} leaves no room for a caption; use the video model's text "
                          f"length ({DEFAULT_TOKEN_BUDGET}).")
     if do_sample and temperature <= 0:
@@ -601,7 +601,7 @@ def _fit(caption: str, messages: list[dict], backend: Backend, options: dict, bu
         return caption
     # Ask once, as a follow-up turn, for a rewrite that fits (the words-per-token rate of this caption sets the
     # word limit, with a margin because the model rarely counts exactly).
-    words = max(8, math.floor(len(caption.split()) * budget / tokens * 0.85))
+    words = max(1, math.floor(len(caption.split()) * budget / tokens * 0.85))
     follow_up = messages + [{"role": "assistant", "content": caption},
                             {"role": "user", "content": SHORTEN_REQUEST.format(words=words)}]
     shorter = clean_reply(backend.chat(follow_up, **options))

@@ -16,6 +16,7 @@ from .errors import CogVXError
 # name -> module under cogvx_core.commands; imported lazily so `--help` and unrelated commands stay fast.
 COMMANDS = {
     "bench": "bench",
+    "upsample": "upsample",
 }
 
 

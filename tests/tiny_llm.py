@@ -18,6 +18,7 @@ SENTENCES = [
     "golden light falls through tall trees and mist drifts over the water .",
     "a small dog runs across green grass , its ears flapping in the wind !",
     "rewrite the whole description in fewer words ?",
+    "system user assistant",  # the chat roles, so the rendered template decodes readably
 ]
 SPECIAL = ["<unk>", "<s>", "</s>", "<|im_start|>", "<|im_end|>", "<image>"]
 
