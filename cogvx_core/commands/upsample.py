@@ -53,13 +53,25 @@ def _load_t5_tokenizer(path: str):
 
 
 def run(args) -> int:
+    if getattr(args, "verbose", False):
+        return _run(args)
+    import transformers
+
+    # Keep stderr to the one error line: no load progress bars or warnings (restored after, for in-process callers).
+    verbosity, bars_on = transformers.logging.get_verbosity(), transformers.logging.is_progress_bar_enabled()
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+    try:
+        return _run(args)
+    finally:
+        transformers.logging.set_verbosity(verbosity)
+        if bars_on:
+            transformers.logging.enable_progress_bar()
+
+
+def _run(args) -> int:
     from .. import caption
 
-    if not getattr(args, "verbose", False):  # keep stderr to the one error line
-        import transformers
-
-        transformers.logging.set_verbosity_error()
-        transformers.logging.disable_progress_bar()
     if args.base_url:
         if not args.model:
             raise CogVXError("--base-url needs --model, the name the server knows the model by.")

@@ -7,15 +7,13 @@ import json
 import re
 import shutil
 import socket
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 import torch
 
 from cogvx_core import caption
 from cogvx_core.errors import CheckpointError, CogVXError
-from tests.tiny_llm import build_tiny_llm, build_tiny_vlm, build_tokenizer
+from tests.llm_fixtures import ChatServer, build_tiny_llm, build_tiny_vlm, build_tokenizer
 
 
 @pytest.fixture(autouse=True)
@@ -310,62 +308,6 @@ def test_broken_folders_raise_one_clear_line(llama_folder, tmp_path, breakage, m
 
 # ---------------------------------------------------------------------------------------------------------------------
 # OpenAI-compatible backend
-
-
-class ChatServer:
-    """A /v1/chat/completions server on 127.0.0.1 in a thread. `answers` is a list of (status, body bytes, delay s),
-    served in order (the last one repeats); requests are recorded. It shuts itself down after `lifetime` seconds."""
-
-    def __init__(self, lifetime: float = 60.0):
-        self.answers, self.requests = [], []
-        self.release = threading.Event()  # ends any delayed answer early at shutdown
-        server = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self):
-                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
-                server.requests.append({"path": self.path, "headers": dict(self.headers), "body": json.loads(body)})
-                status, payload, delay = server.answers[min(len(server.requests), len(server.answers)) - 1]
-                if delay:
-                    server.release.wait(delay)
-                try:
-                    self.send_response(status)
-                    self.send_header("Content-Type", "application/json")
-                    self.send_header("Content-Length", str(len(payload)))
-                    self.end_headers()
-                    self.wfile.write(payload)
-                except OSError:  # the client gave up (timeout test)
-                    pass
-
-            def log_message(self, *args):
-                pass
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
-        self.base_url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-        self.watchdog = threading.Timer(lifetime, self.stop)
-        self.watchdog.daemon = True
-
-    def reply(self, content, finish_reason="stop", status=200, delay=0.0):
-        body = {"id": "x", "object": "chat.completion", "model": "m",
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": content},
-                             "finish_reason": finish_reason}]}
-        self.answers.append((status, json.dumps(body).encode(), delay))
-
-    def raw(self, payload: bytes, status=200, delay=0.0):
-        self.answers.append((status, payload, delay))
-
-    def start(self):
-        self.thread.start()
-        self.watchdog.start()
-        return self
-
-    def stop(self):
-        self.release.set()
-        self.httpd.shutdown()
-        self.httpd.server_close()
-        self.watchdog.cancel()
 
 
 @pytest.fixture
