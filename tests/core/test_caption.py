@@ -189,6 +189,18 @@ def test_vision_model_gets_the_image_and_works_on_text_alone(tmp_path):
     assert len(seen) == 3
 
 
+def test_templates_without_a_system_turn_get_the_instructions_in_the_user_turn():
+    no_system = ("{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('System role not "
+                 "supported') }}{% endif %}<|im_start|> {{ m['role'] }} {{ m['content'] }} <|im_end|> {% endfor %}"
+                 "{% if add_generation_prompt %}<|im_start|> assistant {% endif %}")
+    tokenizer = build_tokenizer(no_system)
+    messages = [{"role": "system", "content": "Be vivid."}, {"role": "user", "content": "a cat"},
+                {"role": "assistant", "content": "A cat."}, {"role": "user", "content": "shorter"}]
+    text = caption._apply_template(tokenizer, messages, tokenize=False)
+    assert text == ("<|im_start|> user Be vivid.\n\na cat <|im_end|> <|im_start|> assistant A cat. <|im_end|> "
+                    "<|im_start|> user shorter <|im_end|> <|im_start|> assistant ")
+
+
 def test_text_only_model_refuses_an_image(llama):
     with pytest.raises(CogVXError, match="reads text only.*image-text-to-text"):
         caption.upsample("a cat", llama, image=torch.rand(1, 8, 8, 3))
