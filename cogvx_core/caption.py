@@ -494,18 +494,19 @@ def _sentences(text: str) -> list[str]:
     return [s for s in re.split(r"(?<=[.!?])\s+", text.strip()) if s]
 
 
-_PREAMBLE = re.compile(r"^(?:sure|certainly|of course|okay|ok)\b[^\n]*?:\s*|^(?:here(?: is|'s)[^\n]*?:\s*)|"
-                       r"^(?:description|caption|prompt|video description)\s*:\s*", re.IGNORECASE)
+# "Sure! Here is the description:", "Caption:" ... at the start of an answer (a short first-line lead-in only).
+_PREAMBLE = re.compile(r"^(?:(?:sure|certainly|of course|okay|ok)\b[^\n:.]{0,80}|here(?: is|'s)[^\n:.]{0,80}|"
+                       r"(?:video )?(?:description|caption|prompt))\s*:\s*", re.IGNORECASE)
 
 
 def clean_reply(reply: Reply) -> str:
     """One paragraph of caption text from a model's answer: no reasoning block, no 'Here is...' lead-in, no wrapping
     quotes, no line breaks or control characters, and no half sentence left by the token limit."""
-    text = re.sub(r"<think>.*?(</think>|$)", " ", reply.text, flags=re.DOTALL)
+    text = re.sub(r"<think>.*?(</think>|$)", " ", reply.text, flags=re.DOTALL).strip()
+    text = _PREAMBLE.sub("", text)  # before joining lines: a lead-in ends within its first line
     # Control characters, and the replacement marks of a multi-byte character the token limit split, go.
     text = "".join(c if c.isprintable() and c != "\ufffd" else " " for c in text)
     text = " ".join(text.split())
-    text = _PREAMBLE.sub("", text).strip()
     if len(text) >= 2 and text[0] in "\"'“[" and text[-1] in "\"'”]":
         text = text[1:-1].strip()
     if reply.truncated:  # drop the sentence the token limit cut off, when a complete one comes before it

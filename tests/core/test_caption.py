@@ -255,6 +255,8 @@ def test_estimate_counts_words_marks_and_the_closing_token():
     ("A fox runs. It leaps over a", True, "A fox runs."),
     ("A fox runs. It leaps over a", False, "A fox runs. It leaps over a"),
     ("A fox runs and leaps over a", True, "A fox runs and leaps over a"),
+    ("Okay, a fox runs. It stops: snow falls.", False, "Okay, a fox runs. It stops: snow falls."),
+    ("Caption: A fox runs.", False, "A fox runs."),
 ])
 def test_clean_reply(raw, truncated, expected):
     assert caption.clean_reply(caption.Reply(raw, truncated)) == expected
