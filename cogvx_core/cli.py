@@ -17,6 +17,7 @@ from .errors import CogVXError
 COMMANDS = {
     "generate": "generate",
     "bench": "bench",
+    "upsample": "upsample",
 }
 
 
