@@ -276,9 +276,10 @@ def apply_loras(model: nn.Module, loras: Iterable[tuple[Lora | str | os.PathLike
                 continue
             adapter = old.pop(key, None)
             if adapter is None:
-                dtype = _compute_dtype(model, layer)
-                adapter = LoraAdapter(key, spec.down.to(layer.weight.device, dtype), spec.up.to(layer.weight.device,
-                                      dtype), spec.alpha, name=lora.name)
+                dtype, device = _compute_dtype(model, layer), layer.weight.device
+                with torch.inference_mode(False):  # ComfyUI runs nodes in inference mode; a trainer may run later
+                    down, up = (t.to(device, dtype, copy=True) for t in (spec.down, spec.up))
+                adapter = LoraAdapter(key, down, up, spec.alpha, name=lora.name)
             adapter.strength = strength
             new.append(adapter)
         for adapter in old.values():

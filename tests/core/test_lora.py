@@ -349,6 +349,21 @@ def test_trainable_lora_starts_at_the_base_and_trains_only_itself(base):
         remove_loras(model)
 
 
+def test_loras_applied_in_inference_mode_work_under_autograd(tmp_path, base):
+    """ComfyUI runs nodes under torch.inference_mode; a trainer may later backpropagate through those LoRAs."""
+    cfg, model = base
+    (pa, _, _), _ = _files(tmp_path, model)
+    with torch.inference_mode():
+        apply_loras(model, [(pa, 1.0)])
+    x, ts, ctx = _inputs(cfg)
+    x.requires_grad_(True)
+    try:
+        model(x, ts, ctx).square().mean().backward()
+    finally:
+        remove_loras(model)
+    assert x.grad.abs().sum() > 0
+
+
 def test_saved_lora_loads_in_the_reference_with_the_same_output(tmp_path, base):
     """save_lora -> diffusers' CogVideoXPipeline.load_lora_weights gives our frames, for alpha != rank."""
     from diffusers import CogVideoXPipeline
