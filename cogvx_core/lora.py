@@ -246,14 +246,16 @@ def apply_loras(model: nn.Module, loras: Iterable[tuple[Lora | str | os.PathLike
         wanted.append(((*lora.identity, seen[lora.identity]), lora, strength))  # the same file twice: two entries
 
     layers = lora_layers(model)
+    on_model = {a.key for layer in layers.values() for a in _adapters(layer)}
     plan, entries = [], []
     for key, lora, strength in wanted:
         matched, unmatched = _match(model, layers, lora)
         made_for = lora.metadata.get("cogvx.base_variant")
         variant = getattr(getattr(model, "variant", None), "name", None)
-        if made_for and variant and made_for != variant:
+        first_time = key not in on_model  # warn once per LoRA, not on every change of strength
+        if first_time and made_for and variant and made_for != variant:
             log.warning("%s was made for CogVideoX %s; applying it to %s.", lora.name, made_for, _title(model))
-        if unmatched:
+        if first_time and unmatched:
             log.warning("%s: %d keys of this LoRA match no layer of %s and are ignored: %s", lora.source,
                         len(unmatched), _title(model), _listed(unmatched))
         if fuse:

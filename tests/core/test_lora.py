@@ -260,6 +260,7 @@ def test_unmatched_keys_are_one_warning(tmp_path, base, caplog):
     save_file({**_peft(layers), **extra, **far}, tmp_path / "x.safetensors")
     with caplog.at_level(logging.WARNING):
         report = apply_loras(model, [(tmp_path / "x.safetensors", 1.0)])
+        apply_loras(model, [(tmp_path / "x.safetensors", 0.5)])  # a new strength does not warn again
     remove_loras(model)
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1
