@@ -189,8 +189,8 @@ def _shape_errors(crop: np.ndarray, noise_var: float) -> dict[str, float]:
                 mid = (low + high) / 2
                 low, high = (mid, high) if area_k * math.prod(box(mid)) > m else (low, mid)
         rx, ry = box(low)
-        template = coverage(shape, hh, ww, mx - ox * rx, my - oy * ry, rx, ry, orientation).astype(np.float64)
-        template = _gaussian_matrix(hh, low) @ template @ _gaussian_matrix(ww, low).T
+        template = coverage(shape, hh, ww, mx - ox * rx, my - oy * ry, rx, ry, orientation, supersample=4)
+        template = _gaussian_matrix(hh, low) @ template.astype(np.float64) @ _gaussian_matrix(ww, low).T
         template[template < ALPHA_FLOOR] = 0.0
         error = max(0.0, float(((a - template) ** 2).sum() / norm) - noise_share)
         if error < errors.get(shape, (math.inf, 0.0))[0]:

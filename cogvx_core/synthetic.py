@@ -63,7 +63,7 @@ DIRECTION_PHRASES = {"left": "moves to the left", "right": "moves to the right",
 SIZES = (0.25, 0.30, 0.35)  # bounding-box side / min(height, width)
 SPEEDS = (0.25, 0.35, 0.50)  # travel over the clip / frame extent along the motion
 MARGIN = 0.05  # gap kept between the shape and the frame edge, as a fraction of min(height, width)
-SUPERSAMPLE = 4  # samples per pixel along each axis when rendering
+SUPERSAMPLE = 8  # samples per pixel along each axis when rendering (8x8: area jitter under 1% while moving)
 SPLITS = ("train", "heldout", "spare")
 
 

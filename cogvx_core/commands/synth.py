@@ -1,4 +1,4 @@
-"""`cogvx synth`: write a synthetic captioned dataset (shapes moving over plain backgrounds) for training or evaluation."""
+"""`cogvx synth`: write a synthetic captioned dataset (shapes moving over plain backgrounds), to train or evaluate."""
 
 from __future__ import annotations
 
