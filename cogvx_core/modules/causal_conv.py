@@ -15,7 +15,7 @@ FrameCache = dict
 
 # Inputs above this many elements (2 GiB at 2 bytes each) are convolved in time chunks, as the reference does
 # (its comment: "Set to 2GB, suitable for CuDNN"). The chunking is exact; it only bounds one conv call's size.
-_SAFE_CONV_GIB = 2
+SAFE_CONV_GIB = 2
 
 
 class SafeConv3d(nn.Conv3d):
@@ -25,9 +25,9 @@ class SafeConv3d(nn.Conv3d):
         """Input frame ranges of the conv calls, chunked exactly like the reference's torch.chunk split."""
         frames = x.shape[2]
         gib = x.numel() * 2 / 1024**3
-        if gib <= _SAFE_CONV_GIB:
+        if gib <= SAFE_CONV_GIB:
             return [(0, frames)]
-        parts = int(gib / 2) + 1
+        parts = int(gib / SAFE_CONV_GIB) + 1
         step = -(-frames // parts)  # torch.chunk's chunk size
         overlap = self.kernel_size[0] - 1
         return [(max(start - overlap, 0) if start else 0, min(start + step, frames))
