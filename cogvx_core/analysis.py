@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import CogVXError
-from .synthetic import BACKGROUND_NAMES, COLOUR_NAMES, DIRECTIONS, PALETTE, SHAPES, SPARE_COLOUR_NAMES, coverage
+from .synthetic import COLOUR_NAMES, DIRECTIONS, PALETTE, SHAPES, SPARE_COLOUR_NAMES, coverage
 
 UNKNOWN = "unknown"
 STATIC = "static"

@@ -285,14 +285,27 @@ def make_dataset(out: str | Path, n: int, seed: int = 0, frames: int = 9, height
 
     Per clip: `00000/` (lossless PNG frames 00000.png, ...) or `00000.mp4` (video_format="mp4", H.264; lossy on
     colour edges, so PNG is the default), and `00000.txt` with its caption. `clips.jsonl` lists every clip's full
-    spec and caption (ground truth for the analyser). Deterministic for a seed; an existing folder is overwritten
-    clip by clip.
+    spec and caption (ground truth for the analyser). Deterministic for a seed. A folder written before by
+    make_dataset is replaced (only the clips its clips.jsonl lists are removed); any other non-empty folder is refused.
     """
+    import shutil
+
     from .video_io import write_frames
 
     if video_format not in ("png", "mp4"):
         raise CogVXError(f"video_format {video_format!r}: choose png (a folder of frames per clip) or mp4.")
     out = Path(out)
+    index = out / "clips.jsonl"
+    if index.is_file():  # an earlier synthetic dataset: remove its clips so none is left over from a larger run
+        for line in index.read_text(encoding="utf-8").splitlines():
+            name = json.loads(line)["name"]
+            shutil.rmtree(out / name, ignore_errors=True)
+            for suffix in (".mp4", ".txt"):
+                (out / (name + suffix)).unlink(missing_ok=True)
+        index.unlink()
+    if out.is_dir() and any(out.iterdir()):
+        raise CogVXError(f"{out} is not empty and holds no synthetic dataset; write to a new or empty folder so no "
+                         "other files are mixed into the dataset.")
     out.mkdir(parents=True, exist_ok=True)
     paths, lines = [], []
     for i, clip in enumerate(dataset_clips(n, seed, frames, height, width, split)):

@@ -1,4 +1,4 @@
-"""The judge: right on every clean combination, robust to realistic degradations, refusing on noise; the flicker measure."""
+"""The judge: right on every clean combination, robust to realistic degradations, refuses noise; the flicker measure."""
 
 import io
 

@@ -141,6 +141,14 @@ def test_make_dataset_writes_the_trainer_layout(tmp_path):
         assert (frames - render(clip)).abs().max() <= 0.5 / 255 + 1e-6  # lossless up to 8-bit rounding
     make_dataset(tmp_path / "b", 6, seed=4, frames=5, height=48, width=64, split="heldout")
     assert _digest(tmp_path / "a") == _digest(tmp_path / "b")
+    # Rewriting a dataset with fewer clips leaves none of the old ones behind; a foreign folder is refused.
+    make_dataset(tmp_path / "b", 2, seed=4, frames=5, height=48, width=64, split="heldout")
+    assert sorted(p.name for p in (tmp_path / "b").iterdir()) == ["00000", "00000.txt", "00001", "00001.txt",
+                                                                    "clips.jsonl"]
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "notes.txt").write_text("mine")
+    with pytest.raises(CogVXError, match="not empty"):
+        make_dataset(tmp_path / "c", 2)
 
 
 def test_make_dataset_mp4(tmp_path):
