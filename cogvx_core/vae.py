@@ -18,7 +18,7 @@ from torch import nn
 from .errors import CogVXError
 from .modules.causal_conv import CausalConv3d, FrameCache
 from .modules.vae_blocks import (
-    DownBlock3D, MidBlock3D, SpatialNorm3D, UpBlock3D, compressed_frames, expanded_frames, silu)
+    DownBlock3D, MidBlock3D, SpatialNorm3D, UpBlock3D, compressed_frames, expanded_frames, silu, take)
 from .variants import VAE_DEFAULTS
 
 Progress = Callable[[int, int], None]
@@ -45,11 +45,10 @@ class Encoder3D(nn.Module):
 
     def forward(self, x: torch.Tensor, cache: FrameCache) -> torch.Tensor:
         # (B, 3, T, H, W) -> (B, 2*latent, t, H/8, W/8): mean and logvar
-        h = self.conv_in(x, cache)
+        h = [self.conv_in(x, cache)]  # handed from layer to layer (see vae_blocks.take)
         for block in self.down_blocks:
-            h = block(h, cache)
-        h = self.mid_block(h, None, cache)
-        h = silu(self.norm_out(h))
+            h = [block(h, cache)]
+        h = silu(self.norm_out(self.mid_block(h, None, cache)))
         h = self.conv_out.pad(h, cache)
         return self.conv_out.conv(h)
 
@@ -73,11 +72,11 @@ class Decoder3D(nn.Module):
 
     def forward(self, z: torch.Tensor, cache: FrameCache) -> torch.Tensor:
         # (B, latent, t, h, w) -> (B, 3, T, 8h, 8w); z is also the spatial norms' condition
-        h = self.conv_in(z, cache)
-        h = self.mid_block(h, z, cache)
+        h = [self.conv_in(z, cache)]  # handed from layer to layer (see vae_blocks.take)
+        h = [self.mid_block(h, z, cache)]
         for block in self.up_blocks:
-            h = block(h, z, cache)
-        h = silu(self.norm_out(h, z))
+            h = [block(h, z, cache)]
+        h = silu(self.norm_out(take(h), z))
         h = self.conv_out.pad(h, cache)
         return self.conv_out.conv(h)
 
@@ -204,6 +203,9 @@ class CausalVAE(nn.Module):
             hint = " (a single image batch (B, C, H, W) needs .unsqueeze(2))" if getattr(pixels, "ndim", 0) == 4 else ""
             raise CogVXError(f"VAE encode expects a video tensor (B, C, T, H, W); got {shape}{hint}.")
         bsz, channels, frames, height, width = pixels.shape
+        if not pixels.is_floating_point():
+            raise CogVXError(f"VAE encode expects float pixels in [-1, 1]; got {pixels.dtype}. Convert with "
+                             "x.float() / 127.5 - 1 for 8-bit images.")
         if channels != self.config["in_channels"]:
             raise CogVXError(f"VAE encode expects {self.config['in_channels']} channels in dim 1 of (B, C, T, H, W); "
                              f"got {channels} (shape {tuple(pixels.shape)}). Put channels before frames.")
@@ -239,9 +241,17 @@ class CausalVAE(nn.Module):
             return None
         sample_h = min_h or self.config["sample_height"] // 2
         sample_w = min_w or self.config["sample_width"] // 2
-        return dict(sample_h=sample_h, sample_w=sample_w,
-                    latent_h=int(sample_h / self.spatial_factor), latent_w=int(sample_w / self.spatial_factor),
-                    overlap_h=overlap_h or 1 / 6, overlap_w=overlap_w or 1 / 5)
+        s = dict(sample_h=sample_h, sample_w=sample_w,
+                 latent_h=int(sample_h / self.spatial_factor), latent_w=int(sample_w / self.spatial_factor),
+                 overlap_h=overlap_h or 1 / 6, overlap_w=overlap_w or 1 / 5)
+        for axis in ("h", "w"):
+            overlap, latent = s[f"overlap_{axis}"], s[f"latent_{axis}"]
+            if not 0 < overlap < 1 or int(latent * (1 - overlap)) < 1:
+                raise CogVXError(
+                    f"VAE tiling: tiles of {s[f'sample_{axis}']} pixels with overlap {overlap} leave no stride along "
+                    f"{'height' if axis == 'h' else 'width'}. Use tiles of at least {2 * self.spatial_factor} "
+                    "pixels and overlap factors between 0 and 1 (the defaults are 1/6 and 1/5).")
+        return s
 
     # ---------------------------------------------------------------- encode
 

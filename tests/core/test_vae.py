@@ -353,3 +353,11 @@ def test_load_errors_name_the_problem_and_the_fix(pair, tmp_path):
         load_vae(tmp_path / "partial.safetensors")
     with pytest.raises(CheckpointError, match="no such file"):
         load_vae(tmp_path / "nothing.safetensors")
+
+
+def test_tiling_settings_without_a_stride_are_refused(pair):
+    ours, _, _ = pair
+    with pytest.raises(CogVXError, match="stride"):
+        ours.decode(_latents(1, 4, 1, 8, 8), tile_sample_min_height=8, tile_sample_min_width=32)
+    with pytest.raises(CogVXError, match="overlap"):
+        ours.decode(_latents(1, 4, 1, 8, 8), tile_overlap_factor_width=1.5)
