@@ -9,6 +9,7 @@ See the reference notes: cogvideox-spec.md section 3.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Callable
 
@@ -195,6 +196,13 @@ class CausalVAE(nn.Module):
             size //= 2  # Conv2d(k3, s2) after one row/column of zero padding
         return size
 
+    def _autograd(self, x: torch.Tensor):
+        """no_grad unless a graph could really be recorded (the input or a weight requires grad): the in-place,
+        memory-saving path then runs even for callers that did not switch autograd off."""
+        if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters())):
+            return contextlib.nullcontext()
+        return torch.no_grad()
+
     # ---------------------------------------------------------------- checks
 
     def _check_pixels(self, pixels: torch.Tensor) -> None:
@@ -265,12 +273,13 @@ class CausalVAE(nn.Module):
         tiling = self._tiling(tiled, tile_sample_min_height, tile_sample_min_width,
                               tile_overlap_factor_height, tile_overlap_factor_width)
         height, width = pixels.shape[-2:]
-        if tiling and (width > tiling["sample_w"] or height > tiling["sample_h"]):
-            h = self._tiled_encode(pixels, tiling, progress)
-        else:
-            h = self._encode_frames(pixels, _Steps(1, len(frame_chunks(pixels.shape[2], SAMPLE_FRAMES_PER_CHUNK)),
-                                                   progress))
-        return DiagonalGaussian(h)
+        with self._autograd(pixels):
+            if tiling and (width > tiling["sample_w"] or height > tiling["sample_h"]):
+                h = self._tiled_encode(pixels, tiling, progress)
+            else:
+                chunks = len(frame_chunks(pixels.shape[2], SAMPLE_FRAMES_PER_CHUNK))
+                h = self._encode_frames(pixels, _Steps(1, chunks, progress))
+            return DiagonalGaussian(h)
 
     def encode(self, pixels: torch.Tensor, **kwargs) -> torch.Tensor:
         """pixels (B, 3, 4k+1, H, W) in [-1, 1] -> posterior mean (B, latent, k+1, H/8, W/8), unscaled."""
@@ -316,9 +325,10 @@ class CausalVAE(nn.Module):
         tiling = self._tiling(tiled, tile_sample_min_height, tile_sample_min_width,
                               tile_overlap_factor_height, tile_overlap_factor_width)
         height, width = z.shape[-2:]
-        if tiling and (width > tiling["latent_w"] or height > tiling["latent_h"]):
-            return self._tiled_decode(z, tiling, progress)
-        return self._decode_frames(z, _Steps(1, len(frame_chunks(z.shape[2], LATENT_FRAMES_PER_CHUNK)), progress))
+        with self._autograd(z):
+            if tiling and (width > tiling["latent_w"] or height > tiling["latent_h"]):
+                return self._tiled_decode(z, tiling, progress)
+            return self._decode_frames(z, _Steps(1, len(frame_chunks(z.shape[2], LATENT_FRAMES_PER_CHUNK)), progress))
 
     def _decode_frames(self, z: torch.Tensor, steps: "_Steps") -> torch.Tensor:
         """The chunk loop: (B, latent, t, h, w) -> (B, 3, T, 8h, 8w), written into one preallocated tensor."""

@@ -268,6 +268,7 @@ def test_load_diffusers_folder_model_root_and_shards(pair, tmp_path):
         assert vae.scaling_factor == 0.7 and vae.config["norm_num_groups"] == 4
         assert all(p.device.type == "cpu" for p in vae.parameters())
         assert _decode_parity(vae, reference, z) <= TOL
+    assert not vae.decode(z).requires_grad  # frozen weights: no graph even with autograd on
 
 
 def test_load_in_another_dtype_converts_every_tensor(pair, tmp_path):
