@@ -127,6 +127,18 @@ def test_decode_with_autograd_on_and_batch_of_two_matches(pair):
     assert rel_l2(got.detach(), expected) <= TOL
 
 
+def test_half_precision_matches_diffusers(pair):
+    """bf16 (the 5b/1.5 pipelines' dtype): same ops in the same order, so the same rounding."""
+    import copy
+
+    ours, reference = (copy.deepcopy(m).to(torch.bfloat16) for m in pair[:2])
+    x = _pixels(1, 3, 9, 16, 24, seed=12).to(torch.bfloat16)
+    z = _latents(1, 4, 3, 3, 5, seed=13).to(torch.bfloat16)
+    with torch.no_grad():
+        assert rel_l2(ours.encode(x), reference.encode(x).latent_dist.mean) <= TOL
+        assert rel_l2(ours.decode(z), reference.decode(z).sample) <= TOL
+
+
 # ---------------------------------------------------------------------------------------------------- tiling
 
 _TILE_ATTRS = ("tile_sample_min_height", "tile_sample_min_width", "tile_latent_min_height", "tile_latent_min_width",
