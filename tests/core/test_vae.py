@@ -161,7 +161,7 @@ def _reference_tiled(reference, fn, x, **tiles):
 
 def test_tiled_decode_matches_diffusers(pair):
     ours, reference, _ = pair
-    z = _latents(1, 4, 3, 10, 13, seed=7)  # 4x4-latent tiles with stride 3: 4 x 5 tiles
+    z = _latents(1, 4, 3, 7, 7, seed=7)  # 4x4-latent tiles with stride 3: 3 x 3 tiles, blended both ways
     expected = _reference_tiled(reference, lambda v: reference.decode(v).sample, z, **SMALL_TILES)
     with torch.no_grad():
         plain = ours.decode(z)
@@ -173,7 +173,7 @@ def test_tiled_decode_matches_diffusers(pair):
     expected = _reference_tiled(reference, lambda v: reference.decode(v).sample, z, **ODD_TILES)
     with torch.no_grad():
         got = ours.decode(z, **ODD_TILES)
-    assert got.shape == expected.shape == (1, 3, 9, 80, 146)
+    assert got.shape == expected.shape != plain.shape  # the reference's wider result is reproduced too
     assert rel_l2(got, expected) <= TOL
 
 
