@@ -190,8 +190,9 @@ class CogVXSampler:
 
     @staticmethod
     def _image_latents(image_cond: dict, generator, shape, pad: int, sf: float, invert: bool, dtype, device):
-        """Model-scale image conditioning (B, 16, T + pad, h, w): start image at frame 0 (and the end image at the last
-        frame), zeros between; 1.5's padding repeats the leading frames at the front, as the reference pads."""
+        """Model-scale image conditioning (B, 16, T + pad, h, w): the start image at frame 0 of the padded sequence (and
+        the end image at the last frame), zeros between, as the reference lays it out (its 1.5 front padding adds a
+        noise frame, not an image frame)."""
         b, c, t_padded, h, w = shape
         cond_samples = image_cond.get("samples") if isinstance(image_cond, dict) else None
         if not isinstance(cond_samples, torch.Tensor) or cond_samples.ndim != 5:
@@ -204,11 +205,10 @@ class CogVXSampler:
         ends = cond_samples.shape[2]  # 1 (start) or 2 (start, end)
         raw = [_posterior_sample(image_cond, generator, slice(k, k + 1)) for k in range(ends)]
         scaled = [(1 / sf * r if invert else sf * r).to(device, dtype).expand(b, -1, -1, -1, -1) for r in raw]
-        t = t_padded - pad
-        cond = torch.zeros((b, c, t, h, w), device=device, dtype=dtype)
+        cond = torch.zeros((b, c, t_padded, h, w), device=device, dtype=dtype)
         cond[:, :, :1] = scaled[0]
         if ends > 1:
-            if t < 2:
+            if t_padded - pad < 2:
                 raise CogVXError("An end image needs at least 5 frames.")
             cond[:, :, -1:] = scaled[1]
-        return torch.cat([cond[:, :, :pad], cond], dim=2)
+        return cond
