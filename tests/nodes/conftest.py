@@ -19,12 +19,22 @@ def models_root(tmp_path_factory):
     write_pipeline_folder(root / "cogvideox" / "tiny-1.5-i2v", "1.5-5b-i2v", seed=3)
     (root / "cogvideox" / "not-a-model.txt").write_text("stray file")
     for folder, src, name in [("diffusion_models", "transformer/diffusion_pytorch_model.safetensors", "tiny_5b"),
-                              ("vae", "vae/diffusion_pytorch_model.safetensors", "tiny_vae"),
                               ("text_encoders", "text_encoder/model.safetensors", "tiny_t5")]:
         (root / folder).mkdir(parents=True, exist_ok=True)
         shutil.copy(five / src, root / folder / f"{name}.safetensors")
+    write_single_file_vae(five / "vae", root / "vae" / "tiny_vae.safetensors")
     shutil.copytree(five / "tokenizer", root / "text_encoders" / "tokenizer")
     return root
+
+
+def write_single_file_vae(vae_folder, out):
+    """A single-file VAE; small models keep their config in the file's metadata (their group count cannot be read
+    from the weights, unlike the released VAE's)."""
+    from safetensors.torch import load_file, save_file
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    config = (vae_folder / "config.json").read_text()
+    save_file(load_file(vae_folder / "diffusion_pytorch_model.safetensors"), out, metadata={"config": config})
 
 
 @pytest.fixture
