@@ -39,12 +39,12 @@ def variant_rules(names: list[str]) -> dict:
                     positions=VARIANTS[n].positions) for n in names}
 
 
-def _size_inputs(variant_names: list[str], zero_means_image: bool = False) -> dict:
-    first = VARIANTS[variant_names[0]]
+def _size_inputs(variant_names: list[str], default: str, zero_means_image: bool = False) -> dict:
+    first = VARIANTS[default]
     low = 0 if zero_means_image else 16
     size_tip = " 0 takes the start image's size." if zero_means_image else ""
     return {
-        "variant": (variant_names, {"default": variant_names[0], "cogvx_rules": variant_rules(variant_names),
+        "variant": (variant_names, {"default": default, "cogvx_rules": variant_rules(variant_names),
                                     "tooltip": "The model family whose frame and size rules apply (a connected "
                                                "model overrides it)."}),
         "frames": ("INT", {"default": first.frames, "min": 1, "max": MAX_FRAMES, "step": 4,
@@ -120,7 +120,7 @@ class CogVXEmptyLatent:
     @classmethod
     def INPUT_TYPES(cls):
         return {
-            "required": _size_inputs(T2V_VARIANTS + I2V_VARIANTS),
+            "required": _size_inputs(T2V_VARIANTS + I2V_VARIANTS, "5b"),
             "optional": {"model": ("COGVX_MODEL", {"tooltip": "When connected, the model's own rules apply (also "
                                                              "for small or fine-tuned models of other sizes)."})},
             "hidden": {"unique_id": "UNIQUE_ID"},
@@ -171,7 +171,7 @@ class CogVXImageToVideo:
             "required": {
                 "vae": ("COGVX_VAE",),
                 "start_image": ("IMAGE", {"tooltip": "The first frame (resized to the video size)."}),
-                **_size_inputs(I2V_VARIANTS, zero_means_image=True),
+                **_size_inputs(I2V_VARIANTS, "5b-i2v", zero_means_image=True),
             },
             "optional": {
                 "end_image": ("IMAGE", {"tooltip": "The last frame, to interpolate between two images (not part of "
