@@ -7,6 +7,7 @@ import shutil
 import pytest
 
 from builders import write_pipeline_folder
+from tests.nodes.model_files import write_single_file_vae
 
 
 @pytest.fixture(scope="session")
@@ -26,18 +27,3 @@ def models_root(tmp_path_factory):
     shutil.copytree(five / "tokenizer", root / "text_encoders" / "tokenizer")
     return root
 
-
-def write_single_file_vae(vae_folder, out):
-    """A single-file VAE; small models keep their config in the file's metadata (their group count cannot be read
-    from the weights, unlike the released VAE's)."""
-    from safetensors.torch import load_file, save_file
-
-    out.parent.mkdir(parents=True, exist_ok=True)
-    config = (vae_folder / "config.json").read_text()
-    save_file(load_file(vae_folder / "diffusion_pytorch_model.safetensors"), out, metadata={"config": config})
-
-
-@pytest.fixture
-def models(models_root, monkeypatch):
-    monkeypatch.setenv("COGVX_MODELS_DIR", str(models_root))
-    return models_root
