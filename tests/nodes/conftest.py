@@ -27,3 +27,9 @@ def models_root(tmp_path_factory):
     shutil.copytree(five / "tokenizer", root / "text_encoders" / "tokenizer")
     return root
 
+
+
+@pytest.fixture
+def models(models_root, monkeypatch):
+    monkeypatch.setenv("COGVX_MODELS_DIR", str(models_root))
+    return models_root
