@@ -323,3 +323,22 @@ def test_comfy_cli_runs_a_workflow_as_a_client(server, tmp_path):
     envelope = json.loads(result.stdout[result.stdout.index("{"):])
     assert envelope["ok"] is True and envelope["data"]["status"] == "completed", envelope
     assert node_of(prompt, "CogVXSampler") in envelope["data"]["executed_node_ids"]
+
+
+def test_ui_workflows_load_in_the_real_frontend(server, tmp_path):
+    """Each UI workflow, loaded into the host's own frontend (headless Chromium) and converted by its graphToPrompt,
+    is its API twin; and web/cogvx.js snaps the widgets in the editor."""
+    probe = subprocess.run([COMFYUI_PYTHON, "-c", "import playwright"], capture_output=True)
+    if probe.returncode != 0 or not Path("/usr/bin/chromium").is_file():
+        pytest.skip("no browser check: needs Debian's chromium and `pip install playwright` in the host's python")
+    out = tmp_path / "browser.json"
+    subprocess.run([COMFYUI_PYTHON, str(Path(__file__).with_name("browser_check.py")), server.url,
+                    str(ROOT / "workflows"), str(out)], check=True, timeout=600, env=dict(os.environ, HOME=str(tmp_path)))
+    result = json.loads(out.read_text())
+    for path in WORKFLOWS:
+        api = {k: {"inputs": v["inputs"], "class_type": v["class_type"]} for k, v in json.loads(path.read_text()).items()}
+        converted = {k: {"inputs": v["inputs"], "class_type": v["class_type"]}
+                     for k, v in result["prompts"][path.stem].items()}
+        assert converted == api, path.stem
+    assert result["snap"] == {"frames": 49, "width": 720, "height": 480, "variant": "5b-i2v"}
+    assert not [e for e in result["errors"] if "cogvx" in e.lower()], result["errors"]
