@@ -8,8 +8,8 @@
 # DIR      the ComfyUI tree (main.py, requirements.txt, comfyui_version.py)
 #
 # It makes a virtual environment in DIR/.venv (or $COMFYUI_VENV) with ComfyUI's requirements, this pack's own
-# runtime dependencies and comfy-cli (the headless client the test drives), then prints the two variables the
-# host test reads. Re-running it only checks what is there. ComfyUI's requirements pull a CUDA build of torch;
+# runtime dependencies and comfy-cli (the headless client the test drives), plus playwright when Debian's chromium
+# is installed (for the test's browser check), then prints the two variables the host test reads. Re-running it only checks what is there. ComfyUI's requirements pull a CUDA build of torch;
 # the test server runs with --cpu all the same.
 set -euo pipefail
 
@@ -52,6 +52,10 @@ printf '%s\n' "${TORCH_PINS[@]}" > "$constraints"
 "$VPY" -m pip install -q -c "$constraints" -r "$DIR/requirements.txt"
 # This pack's runtime dependencies (what ComfyUI-Manager would install from requirements.txt), and the client.
 "$VPY" -m pip install -q -c "$constraints" -r "$REPO/requirements.txt" "comfy-cli==$COMFY_CLI_VERSION"
+# The browser check of the host test drives the host's own frontend with Debian's chromium through playwright.
+if [[ -x /usr/bin/chromium ]]; then
+    "$VPY" -m pip install -q playwright
+fi
 "$VPY" -c "import torch, torchaudio, safetensors, transformers, sentencepiece; print('torch', torch.__version__)"
 
 echo
