@@ -219,14 +219,18 @@ class CogVideoXTransformer(nn.Module):
         return out.reshape(b, self.out_channels, t, h, w)
 
 
+# Position tables depend only on the grid: cached. Made outside inference mode (ComfyUI samples under it), so a
+# cached table stays usable by a later training step's backward pass.
 @lru_cache(maxsize=8)
 def _rope_cache(head_dim: int, t: int, h: int, w: int, base, device: str) -> torch.Tensor:
-    return rope_rotation(rope_3d_angles(head_dim, t, h, w, base_size=base, device=torch.device(device)))
+    with torch.inference_mode(False), torch.no_grad():
+        return rope_rotation(rope_3d_angles(head_dim, t, h, w, base_size=base, device=torch.device(device)))
 
 
 @lru_cache(maxsize=8)
 def _sincos_cache(dim: int, t: int, h: int, w: int, s_scale: float, t_scale: float, device: str) -> torch.Tensor:
-    return sincos_3d_table(dim, t, h, w, s_scale, t_scale, device=torch.device(device))
+    with torch.inference_mode(False), torch.no_grad():
+        return sincos_3d_table(dim, t, h, w, s_scale, t_scale, device=torch.device(device))
 
 
 def build_transformer(config: dict, device="meta", dtype: torch.dtype | None = None) -> CogVideoXTransformer:

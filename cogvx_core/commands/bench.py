@@ -32,16 +32,28 @@ def add_arguments(p) -> None:
     p.add_argument("--only", choices=["transformer", "vae"], help="run one of the two benchmarks")
 
 
-def _time(fn, repeats: int, sync) -> float:
-    fn()  # warm-up
+def _time_pair(ref_fn, our_fn, repeats: int, sync) -> tuple[float, float]:
+    """Median seconds of each, runs interleaved (ref, ours, ref, ...) so that load drift hits both alike."""
+    ref_fn(), our_fn()  # warm-up
     sync()
-    times = []
+    times: dict = {ref_fn: [], our_fn: []}
     for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for fn in (ref_fn, our_fn):
+            start = time.perf_counter()
+            fn()
+            sync()
+            times[fn].append(time.perf_counter() - start)
+    return statistics.median(times[ref_fn]), statistics.median(times[our_fn])
+
+
+def _cuda_peak(fn) -> float:
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
 
 
 def bench_transformer(args) -> dict:
@@ -92,14 +104,9 @@ def bench_transformer(args) -> dict:
     with torch.no_grad():
         err = ((run_ours().float() - run_ref().permute(0, 2, 1, 3, 4).float()).norm() /
                run_ref().float().norm()).item()
-        for name, fn in (("reference", run_ref), ("ours", run_ours)):
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-                torch.cuda.reset_peak_memory_stats()
-                base = torch.cuda.memory_allocated()
-            result[f"{name}_s"] = _time(fn, args.repeats, sync)
-            if device.type == "cuda":
-                result[f"{name}_peak_mib"] = (torch.cuda.max_memory_allocated() - base) / 2**20
+        result["reference_s"], result["ours_s"] = _time_pair(run_ref, run_ours, args.repeats, sync)
+        if device.type == "cuda":
+            result["reference_peak_mib"], result["ours_peak_mib"] = _cuda_peak(run_ref), _cuda_peak(run_ours)
     result["time_ratio"] = result["ours_s"] / result["reference_s"]
     if "ours_peak_mib" in result:
         result["memory_ratio"] = result["ours_peak_mib"] / result["reference_peak_mib"]

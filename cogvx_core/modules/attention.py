@@ -84,12 +84,13 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, text_len: int, rope: torch.Tensor | None) -> torch.Tensor:
         # x: (B, S, dim) with S = text_len + video tokens, text first
         b, s, _ = x.shape
-        q = self.norm_q(self.to_q(x).view(b, s, self.heads, self.head_dim)).transpose(1, 2)  # (B, heads, S, d)
-        k = self.norm_k(self.to_k(x).view(b, s, self.heads, self.head_dim)).transpose(1, 2)
+        # QK norm after the head transpose: its outputs are then contiguous (B, heads, S, d), the fast SDPA layout
+        q = self.norm_q(self.to_q(x).view(b, s, self.heads, self.head_dim).transpose(1, 2))  # (B, heads, S, d)
+        k = self.norm_k(self.to_k(x).view(b, s, self.heads, self.head_dim).transpose(1, 2))
         v = self.to_v(x).view(b, s, self.heads, self.head_dim).transpose(1, 2)
-        if rope is not None:  # rotate video tokens of q and k; text tokens carry no position
-            q = torch.cat([q[:, :, :text_len], apply_rope(q[:, :, text_len:], rope)], dim=2)
-            k = torch.cat([k[:, :, :text_len], apply_rope(k[:, :, text_len:], rope)], dim=2)
+        if rope is not None:  # rotate video tokens of q and k in place; text tokens carry no position
+            q[:, :, text_len:] = apply_rope(q[:, :, text_len:], rope)
+            k[:, :, text_len:] = apply_rope(k[:, :, text_len:], rope)
         out = self.attention_fn(q, k, v)  # (B, heads, S, d)
         out = out.transpose(1, 2).reshape(b, s, self.heads * self.head_dim)
         return self.to_out[0](out)

@@ -110,7 +110,8 @@ def rope_rotation(angles: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rope(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
-    """Rotates interleaved feature pairs (x0, x1), (x2, x3), ... of x (..., N, head_dim) by (N, head_dim/2) complex.
+    """Rotates interleaved feature pairs (x0, x1), (x2, x3), ... of x (..., head_dim) by complex rotations that
+    broadcast against (..., head_dim/2).
 
     (x0 + i x1)(cos + i sin) = (x0 cos - x1 sin) + i (x1 cos + x0 sin): the reference's real-valued rotation,
     done in fp32 and cast back like the reference.

@@ -27,8 +27,12 @@ class ExpertAdaLN(nn.Module):
         # x: (B, S, D); temb: (B, time_dim)
         shift, scale, gate, enc_shift, enc_scale, enc_gate = self.linear(self.silu(temb))[:, None].chunk(6, dim=-1)
         normed = self.norm(x)
-        normed = torch.cat([normed[:, :text_len] * (1 + enc_scale) + enc_shift,
-                            normed[:, text_len:] * (1 + scale) + shift], dim=1)
+        if torch.is_grad_enabled():
+            normed = torch.cat([normed[:, :text_len] * (1 + enc_scale) + enc_shift,
+                                normed[:, text_len:] * (1 + scale) + shift], dim=1)
+        else:  # same arithmetic, in place: no (B, S, D) copy
+            normed[:, :text_len].mul_(1 + enc_scale).add_(enc_shift)
+            normed[:, text_len:].mul_(1 + scale).add_(shift)
         return normed, gate, enc_gate
 
 

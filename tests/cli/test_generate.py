@@ -60,6 +60,7 @@ def test_text_to_video_matches_reference(tmp_path, folders, case):
     ours = _ours(tmp_path, folder, *extra)
     ref = _reference(folder, kind, sampler, **ref_kwargs)
     assert ours.shape == ref.shape == (FRAMES, ref_kwargs["height"], ref_kwargs["width"], 3)
+    print(f"PSNR {psnr(ours, ref):.1f} dB")
     assert psnr(ours, ref) >= 50
     assert ours.std() > 5  # a real picture, not a flat field
 
@@ -78,6 +79,7 @@ def test_image_to_video_matches_reference(tmp_path, folders, variant, h, w):
     ours = _ours(tmp_path, folder, "--image", str(tmp_path / "start.png"), "--height", str(h), "--width", str(w))
     ref = _reference(folder, "i2v", image=img, height=h, width=w)
     assert ours.shape == ref.shape
+    print(f"PSNR {psnr(ours, ref):.1f} dB")
     assert psnr(ours, ref) >= 50
 
 
@@ -90,6 +92,7 @@ def test_video_to_video_matches_reference(tmp_path, folders):
     ours = _ours(tmp_path, folder, "--video", str(tmp_path / "in"), "--strength", "0.6")
     ref = _reference(folder, "v2v", video=frames, strength=0.6, height=96, width=128)
     assert ours.shape == ref.shape
+    print(f"PSNR {psnr(ours, ref):.1f} dB")
     assert psnr(ours, ref) >= 50
 
 
@@ -103,3 +106,29 @@ def test_bad_arguments_exit_with_one_line(tmp_path, folders, capsys):
     assert main(["generate", "--model", str(folder), "--prompt", "x", "--image", str(img), "--steps", "1",
                  "--out", str(tmp_path / "o")]) == 2
     assert "text-to-video model and cannot take a start image" in capsys.readouterr().err
+
+
+def test_lora_flag_matches_reference_load_lora_weights(tmp_path, folders):
+    """`--lora FILE:0.7` equals diffusers' load_lora_weights + set_adapters(0.7) on the same pipeline."""
+    from cogvx_core import load_transformer
+    from cogvx_core.lora import add_trainable_lora, save_lora
+
+    folder = folders("5b")
+    model = load_transformer(folder / "transformer")
+    params = add_trainable_lora(model, rank=4, alpha=8, generator=torch.Generator().manual_seed(3), init="gaussian")
+    with torch.no_grad():
+        for p in params:  # both factors non-zero so the LoRA changes the video
+            p.normal_(0, 0.3, generator=torch.Generator().manual_seed(p.numel()))
+    lora = save_lora(tmp_path / "style.safetensors", model, rank=4, alpha=8, variant="5b")
+
+    ours = _ours(tmp_path, folder, "--height", "96", "--width", "160", "--lora", f"{lora}:0.7")
+    base = _ours(tmp_path, folder, "--height", "96", "--width", "160")
+    pipe = reference_pipeline(folder, "t2v")
+    pipe.load_lora_weights(str(lora), adapter_name="style")
+    pipe.set_adapters(["style"], [0.7])
+    ref = pipe(prompt=PROMPT, negative_prompt="", num_inference_steps=STEPS, guidance_scale=6.0, num_frames=FRAMES,
+               height=96, width=160, generator=torch.Generator().manual_seed(SEED), max_sequence_length=12,
+               output_type="np").frames[0]
+    ref = (np.asarray(ref) * 255).round().astype(np.uint8)
+    assert psnr(base, ref) < 40  # the LoRA really changes the frames
+    assert psnr(ours, ref) >= 50

@@ -145,3 +145,14 @@ def test_input_errors(models):
         mi(x, ts, ctx)
     with pytest.raises(CogVXError, match="concatenate the image latents"):
         mi(x[:, :16], ts, ctx)
+
+
+def test_tables_cached_under_inference_mode_serve_training(models):
+    """ComfyUI samples under inference_mode; a later training step on the same grid must still backpropagate."""
+    cfg, ours, _ = models["5b"]
+    x, ts, ctx, _ = _inputs(cfg, 2, 10, 18, batch=1)  # a grid no other test uses, so the cache is filled here
+    with torch.inference_mode():
+        ours(x, ts, ctx)
+    x.requires_grad_(True)
+    ours(x, ts, ctx).sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
