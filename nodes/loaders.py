@@ -59,6 +59,9 @@ class CogVXModel:
     scaling_factor: float
     invert_scale_latents: bool  # 1.5-I2V: image latents are divided by the scale
     source: str
+    # [(cogvx_core.lora.Lora, strength), ...]: set by a LoRA node on its own copy of the handle; the sampler makes
+    # exactly these the transformer's LoRAs before each run (the transformer object is shared by every handle).
+    loras: tuple = ()
 
     @property
     def variant(self) -> Variant:

@@ -14,12 +14,14 @@ import torch
 
 try:
     from ..cogvx_core.errors import CogVXError
+    from ..cogvx_core.lora import applied_loras, apply_loras
     from ..cogvx_core.pipeline import denoise as run_denoise, latent_shape
     from ..cogvx_core.samplers import SAMPLERS, randn_like_reference
     from ..cogvx_core.text import fit_context
     from ..cogvx_core.vae import DiagonalGaussian
 except ImportError:
     from cogvx_core.errors import CogVXError
+    from cogvx_core.lora import applied_loras, apply_loras
     from cogvx_core.pipeline import denoise as run_denoise, latent_shape
     from cogvx_core.samplers import SAMPLERS, randn_like_reference
     from cogvx_core.text import fit_context
@@ -154,6 +156,8 @@ class CogVXSampler:
             raise CogVXError(f"{variant.title} needs an even latent frame count for video-to-video; this video has "
                              f"{t} latent frames ({frames} pixel frames): use {frames - 4} or {frames + 4} frames.")
         device = model.managed.load(_activation_memory(model, shape))
+        if model.loras or applied_loras(transformer):  # this handle's LoRAs, none left from another handle's run
+            apply_loras(transformer, model.loras)
         dtype = transformer.dtype
         schedule = model.schedule
         sf, invert = model.scaling_factor, model.invert_scale_latents

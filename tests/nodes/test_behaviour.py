@@ -355,3 +355,28 @@ def test_host_falls_back_to_plain_python(tiny, caplog):
     assert "a note for the user" in caplog.text
     assert host.is_oom(torch.OutOfMemoryError("x")) and host.is_oom(RuntimeError("CUDA out of memory"))
     assert not host.is_oom(RuntimeError("shape mismatch"))
+
+
+def test_loras_of_a_handle_apply_for_its_run_only(tiny, tmp_path):
+    """Room for a LoRA node: a handle copy with `loras` samples with them; the plain handle gets the base model."""
+    import dataclasses
+
+    from safetensors.torch import save_file
+
+    from cogvx_core.lora import applied_loras, load_lora
+
+    g = torch.Generator().manual_seed(0)
+    layers = {f"transformer.transformer_blocks.{i}.attn1.{n}": 128 for i in range(2) for n in ("to_q", "to_v")}
+    tensors = {}
+    for name, dim in layers.items():
+        tensors[f"{name}.lora_A.weight"] = torch.randn(4, dim, generator=g) * 0.3
+        tensors[f"{name}.lora_B.weight"] = torch.randn(dim, 4, generator=g) * 0.3
+    save_file(tensors, tmp_path / "style.safetensors")
+    with_lora = dataclasses.replace(tiny["model"], loras=((load_lora(tmp_path / "style.safetensors"), 1.0),))
+    latent = empty()["result"][0]
+    base = run_sampler(tiny, latent)
+    styled = run_sampler(tiny, latent, model=with_lora)
+    assert (styled - base).abs().max() > 1e-3
+    assert applied_loras(tiny["model"].transformer) == [("style", 1.0)]
+    torch.testing.assert_close(run_sampler(tiny, latent), base, rtol=0, atol=0)  # the LoRA is off again
+    assert applied_loras(tiny["model"].transformer) == []
