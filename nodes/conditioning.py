@@ -40,18 +40,18 @@ def variant_rules(names: list[str]) -> dict:
 
 
 def _size_inputs(variant_names: list[str], default: str, zero_means_image: bool = False) -> dict:
-    first = VARIANTS[default]
+    defaults = VARIANTS[default]
     low = 0 if zero_means_image else 16
     size_tip = " 0 takes the start image's size." if zero_means_image else ""
     return {
         "variant": (variant_names, {"default": default, "cogvx_rules": variant_rules(variant_names),
                                     "tooltip": "The model family whose frame and size rules apply (a connected "
                                                "model overrides it)."}),
-        "frames": ("INT", {"default": first.frames, "min": 1, "max": MAX_FRAMES, "step": 4,
+        "frames": ("INT", {"default": defaults.frames, "min": 1, "max": MAX_FRAMES, "step": 4,
                            "tooltip": "Pixel frames, 4k+1 (1.0 models were trained on 49, 1.5 on 81 or 161)."}),
-        "width": ("INT", {"default": 0 if zero_means_image else first.width, "min": low, "max": MAX_SIZE,
+        "width": ("INT", {"default": 0 if zero_means_image else defaults.width, "min": low, "max": MAX_SIZE,
                           "step": 16, "tooltip": "Multiple of 16." + size_tip}),
-        "height": ("INT", {"default": 0 if zero_means_image else first.height, "min": low, "max": MAX_SIZE,
+        "height": ("INT", {"default": 0 if zero_means_image else defaults.height, "min": low, "max": MAX_SIZE,
                            "step": 16, "tooltip": "Multiple of 16." + size_tip}),
         "batch_size": ("INT", {"default": 1, "min": 1, "max": 64, "tooltip": "Videos per run."}),
     }

@@ -49,7 +49,8 @@ def run(vae_handle, work: Callable[..., torch.Tensor], batch: int, height: int, 
     vae = vae_handle.vae
     need = vae_memory(batch, height, width, vae.dtype)
     tile_need = vae_memory(batch, min(height, tiling.tile_height), min(width, tiling.tile_width), vae.dtype)
-    device = vae_handle.managed.load(need if tiling.mode == "off" else min(need, max(tile_need, 1)))
+    # The host frees other models (e.g. the transformer, done by now) for an untiled pass when it can.
+    device = vae_handle.managed.load(tile_need if tiling.mode == "on" else need)
     tiled = tiling.mode == "on"
     if tiling.mode == "auto" and need > host.free_memory(device):
         tiled = True
