@@ -335,10 +335,23 @@ def test_ui_workflows_load_in_the_real_frontend(server, tmp_path):
     subprocess.run([COMFYUI_PYTHON, str(Path(__file__).with_name("browser_check.py")), server.url,
                     str(ROOT / "workflows"), str(out)], check=True, timeout=600, env=dict(os.environ, HOME=str(tmp_path)))
     result = json.loads(out.read_text())
+    info = server.get("/object_info")
+
+    def declared(cls, inputs):  # frontend-only widgets (e.g. LoadVideo's preview) are ignored by the server too
+        spec = info[cls]["input"]
+        return {k: v for k, v in inputs.items() if k in {**spec["required"], **spec.get("optional", {})}}
+
     for path in WORKFLOWS:
         api = {k: {"inputs": v["inputs"], "class_type": v["class_type"]} for k, v in json.loads(path.read_text()).items()}
-        converted = {k: {"inputs": v["inputs"], "class_type": v["class_type"]}
+        converted = {k: {"inputs": declared(v["class_type"], v["inputs"]), "class_type": v["class_type"]}
                      for k, v in result["prompts"][path.stem].items()}
         assert converted == api, path.stem
     assert result["snap"] == {"frames": 49, "width": 720, "height": 480, "variant": "5b-i2v"}
     assert not [e for e in result["errors"] if "cogvx" in e.lower()], result["errors"]
+
+
+def test_workflows_are_offered_as_templates(server):
+    templates = server.get("/workflow_templates")
+    assert sorted(templates["cogvx"]) == sorted(p.stem for p in WORKFLOWS)  # the UI files; api/ is not listed
+    ui = json.loads(server.get("/api/workflow_templates/cogvx/cogvx_t2v_2b.json", raw=True))
+    assert ui["nodes"] and ui["links"]

@@ -111,3 +111,16 @@ def test_fingerprints_follow_the_files(models):
     finally:
         path.write_bytes(data)
     assert N["CogVXModelLoader"].IS_CHANGED("gone") == "gone"  # a missing model is left to validation
+
+
+def test_requirements_txt_follows_pyproject():
+    """ComfyUI-Manager installs requirements.txt: the same runtime dependencies as pyproject.toml, minus torch
+    (ComfyUI brings its own build)."""
+    import tomllib
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    declared = tomllib.loads((root / "pyproject.toml").read_text())["project"]["dependencies"]
+    listed = [line.strip() for line in (root / "requirements.txt").read_text().splitlines()
+              if line.strip() and not line.startswith("#")]
+    assert listed == [d for d in declared if not d.startswith("torch")]
