@@ -1,11 +1,23 @@
-"""ComfyUI nodes: thin adapters over cogvx_core. Only nodes/host.py touches ComfyUI's own APIs."""
+"""ComfyUI nodes: thin adapters over cogvx_core. Only nodes/host.py touches ComfyUI's own APIs.
 
-from . import caption
+Node ids are permanent (saved workflows refer to them): never rename one; add a new input with a default instead.
+"""
 
-NODE_CLASS_MAPPINGS: dict = {}
-NODE_DISPLAY_NAME_MAPPINGS: dict = {}
+from . import caption, conditioning, decode, loaders, sampling
 
-NODE_CLASS_MAPPINGS.update({"CogVXLLMLoader": caption.CogVXLLMLoader,
-                            "CogVXCaptionUpsample": caption.CogVXCaptionUpsample})
-NODE_DISPLAY_NAME_MAPPINGS.update({"CogVXLLMLoader": "CogVX LLM Loader",
-                                   "CogVXCaptionUpsample": "CogVX Caption Upsample"})
+NODES = {  # id: (class, display name)
+    "CogVXModelLoader": (loaders.CogVXModelLoader, "CogVX Model Loader"),
+    "CogVXVAELoader": (loaders.CogVXVAELoader, "CogVX VAE Loader"),
+    "CogVXT5Loader": (loaders.CogVXT5Loader, "CogVX T5 Loader"),
+    "CogVXTextEncode": (conditioning.CogVXTextEncode, "CogVX Text Encode"),
+    "CogVXEmptyLatent": (conditioning.CogVXEmptyLatent, "CogVX Empty Latent"),
+    "CogVXImageToVideo": (conditioning.CogVXImageToVideo, "CogVX Image to Video"),
+    "CogVXVideoEncode": (conditioning.CogVXVideoEncode, "CogVX Video Encode"),
+    "CogVXSampler": (sampling.CogVXSampler, "CogVX Sampler"),
+    "CogVXDecode": (decode.CogVXDecode, "CogVX Decode"),
+    "CogVXLLMLoader": (caption.CogVXLLMLoader, "CogVX LLM Loader"),
+    "CogVXCaptionUpsample": (caption.CogVXCaptionUpsample, "CogVX Caption Upsample"),
+}
+
+NODE_CLASS_MAPPINGS: dict = {key: cls for key, (cls, _) in NODES.items()}
+NODE_DISPLAY_NAME_MAPPINGS: dict = {key: name for key, (_, name) in NODES.items()}

@@ -1,12 +1,17 @@
-"""The only module that touches ComfyUI's own APIs (folders, devices, memory, progress, interrupt).
+"""The only module that touches ComfyUI's own APIs (folders, devices, memory, progress, previews, interrupt, messages).
 
 Outside ComfyUI every function has a plain fallback, so the node classes import and run in plain Python:
 model folders live under $COGVX_MODELS_DIR (default ./models), the device is CUDA when present, progress is a
-no-op and nothing interrupts.
+no-op, nothing interrupts and messages go to the log.
+
+Memory: each loaded model (transformer, VAE, T5) is a `Managed` model. Inside ComfyUI it is wrapped in a
+comfy.model_patcher.ModelPatcher and loaded with comfy.model_management.load_models_gpu, so ComfyUI moves it
+between the GPU and the CPU alongside every other model (it frees what it needs, nothing more).
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -15,12 +20,15 @@ import torch
 try:  # inside ComfyUI
     import folder_paths  # type: ignore
     import comfy.model_management as mm  # type: ignore
+    import comfy.model_patcher  # type: ignore
     import comfy.utils  # type: ignore
 
     IN_COMFY = True
 except ImportError:
     folder_paths = mm = None
     IN_COMFY = False
+
+log = logging.getLogger("cogvx")
 
 # folder key -> (default sub-folder of the models root, accepted file extensions; an empty set lists sub-folders)
 MODEL_FOLDERS: dict[str, tuple[str, set[str]]] = {
@@ -33,6 +41,9 @@ MODEL_FOLDERS: dict[str, tuple[str, set[str]]] = {
 }
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# Model folders
+# ---------------------------------------------------------------------------------------------------------------
 def models_root() -> Path:
     return Path(os.environ.get("COGVX_MODELS_DIR", "models")).resolve()
 
@@ -76,28 +87,169 @@ def model_path(folder: str, name: str) -> Path:
     raise FileNotFoundError(f"{name!r} is not in the {folder} model folder ({', '.join(map(str, _roots(folder)))}).")
 
 
-def torch_device() -> torch.device:
-    if IN_COMFY:
-        return mm.get_torch_device()
+def t5_tokenizer_folder() -> Path | None:
+    """ComfyUI's bundled T5-XXL tokenizer (for single-file T5 encoders); None outside ComfyUI."""
+    if not IN_COMFY:
+        return None
+    folder = Path(comfy.utils.__file__).parent / "text_encoders" / "t5_tokenizer"
+    return folder if folder.is_dir() else None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Devices
+# ---------------------------------------------------------------------------------------------------------------
+def _plain_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def devices(kind: str) -> tuple[torch.device, torch.device]:
+    """(compute device, offload device) for a model kind: "diffusion", "vae" or "text"."""
+    if not IN_COMFY:
+        return _plain_device(), torch.device("cpu")
+    if kind == "vae":
+        return mm.vae_device(), mm.vae_offload_device()
+    if kind == "text":
+        return mm.text_encoder_device(), mm.text_encoder_offload_device()
+    return mm.get_torch_device(), mm.unet_offload_device()
+
+
+def torch_device() -> torch.device:
+    return devices("diffusion")[0]
+
+
 def offload_device() -> torch.device:
-    return mm.unet_offload_device() if IN_COMFY else torch.device("cpu")
+    return devices("diffusion")[1]
 
 
+def intermediate_device() -> torch.device:
+    """Where node outputs (latents, images, conditioning) are kept between nodes: the CPU, as ComfyUI keeps them."""
+    return mm.intermediate_device() if IN_COMFY else torch.device("cpu")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Memory
+# ---------------------------------------------------------------------------------------------------------------
+class CogVXManagedModel(torch.nn.Module):
+    """What ModelPatcher manages: it sets `device` and bookkeeping attributes on the module it is given, which our
+    models (whose `device` is a read-only property) must not receive, so they sit one level down."""
+
+    def __init__(self, module: torch.nn.Module, device: torch.device):
+        super().__init__()
+        self.inner = module
+        self.device = device
+
+    def get_dtype(self) -> torch.dtype | None:
+        return next((p.dtype for p in self.inner.parameters() if p.is_floating_point()), None)
+
+
+class Managed:
+    """A model the host moves between devices. `load()` puts it on its compute device (ComfyUI first frees memory
+    from other models as it needs); outside ComfyUI it is simply moved there."""
+
+    def __init__(self, module: torch.nn.Module, kind: str):
+        self.module = module
+        self.kind = kind
+        self.load_device, self.offload_device = devices(kind)
+        self.patcher = None
+        if IN_COMFY:
+            holder = CogVXManagedModel(module, self.offload_device)
+            self.patcher = comfy.model_patcher.ModelPatcher(holder, self.load_device, self.offload_device)
+
+    def size(self) -> int:
+        return sum(t.nbytes for t in self.module.state_dict().values())
+
+    def load(self, memory_required: int = 0) -> torch.device:
+        """Loads the whole model onto its compute device, keeping `memory_required` bytes free for the work."""
+        if self.patcher is not None:
+            # A full load: our layers are plain torch modules, which cannot stream weights in ComfyUI's low-VRAM mode.
+            mm.load_models_gpu([self.patcher], memory_required=int(memory_required), force_full_load=True)
+        else:
+            self.module.to(self.load_device)
+        return self.load_device
+
+
+def free_memory(device: torch.device) -> int:
+    """Bytes free for work on `device` (device memory for a GPU, available RAM for the CPU)."""
+    if IN_COMFY:
+        return int(mm.get_free_memory(device))
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
+    try:
+        import psutil
+
+        return int(psutil.virtual_memory().available)
+    except ImportError:
+        return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+
+
+def make_room(memory_required: int, device: torch.device) -> None:
+    """Asks the host to unload other models until `memory_required` bytes are free on `device` (best effort)."""
+    if IN_COMFY and device.type != "cpu":
+        mm.free_memory(int(memory_required), device)
+
+
+def empty_cache() -> None:
+    if IN_COMFY:
+        mm.soft_empty_cache()
+    elif torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def is_oom(error: BaseException) -> bool:
+    oom_types = tuple(t for t in (getattr(torch, "OutOfMemoryError", None), getattr(torch.cuda, "OutOfMemoryError", None))
+                      if t is not None)
+    return isinstance(error, oom_types) or (isinstance(error, RuntimeError) and "out of memory" in str(error).lower())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Progress, previews, interrupt, messages
+# ---------------------------------------------------------------------------------------------------------------
 def throw_if_interrupted() -> None:
+    """Raises ComfyUI's interrupt exception when the user pressed Cancel (a no-op outside ComfyUI)."""
     if IN_COMFY:
         mm.throw_exception_if_processing_interrupted()
 
 
+def previews_enabled() -> bool:
+    """Whether the user asked for live latent previews (ComfyUI's --preview-method / preview setting)."""
+    if not IN_COMFY:
+        return False
+    from comfy.cli_args import LatentPreviewMethod, args  # type: ignore
+
+    return args.preview_method != LatentPreviewMethod.NoPreviews
+
+
 class Progress:
-    """A step counter that drives ComfyUI's progress bar (and its preview image) when inside the host."""
+    """A step counter that drives ComfyUI's progress bar and its preview image, and checks the interrupt button on
+    every step (ComfyUI throttles progress messages, so the check cannot rely on the bar's hook)."""
 
     def __init__(self, total: int):
-        self.total = total
-        self.bar = comfy.utils.ProgressBar(total) if IN_COMFY else None
+        self.total = max(int(total), 1)
+        self.bar = comfy.utils.ProgressBar(self.total) if IN_COMFY else None
 
-    def update(self, step: int, preview=None) -> None:
+    def update(self, done: int, preview=None) -> None:
+        """preview: a PIL image shown on the node, or None."""
+        throw_if_interrupted()
         if self.bar is not None:
-            self.bar.update_absolute(step, self.total, preview)
+            shown = None
+            if preview is not None:
+                from comfy.cli_args import args  # type: ignore
+
+                shown = ("JPEG", preview, args.preview_size)
+            self.bar.update_absolute(min(done, self.total), self.total, shown)
+
+
+def say(text: str, node_id: str | None = None) -> None:
+    """A note for the user: logged, and shown on the node in ComfyUI's frontend."""
+    log.warning(text)
+    if not IN_COMFY or node_id is None:
+        return
+    try:
+        from server import PromptServer  # type: ignore
+
+        server = PromptServer.instance
+        if hasattr(server, "send_progress_text"):
+            server.send_progress_text(text, node_id, server.client_id)
+    except Exception:  # a note must never fail a run
+        log.debug("could not show the note on the node", exc_info=True)

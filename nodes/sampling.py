@@ -1,0 +1,218 @@
+"""CogVXSampler: the CogVideoX DDIM / DPM sampling loop on a LATENT, with CFG, dynamic CFG, denoise (V2V) and image
+conditioning (I2V).
+
+A seed gives the reference pipeline's video: noise comes from a CPU generator seeded with it, drawn in the
+reference's layout and order (the VAE posterior samples of the start image or input video first, then the noise).
+LATENT in and out is raw VAE space; the model's latent scale is applied here, on the way in and out.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+try:
+    from ..cogvx_core.errors import CogVXError
+    from ..cogvx_core.lora import applied_loras, apply_loras
+    from ..cogvx_core.pipeline import denoise as run_denoise, latent_shape
+    from ..cogvx_core.samplers import SAMPLERS, randn_like_reference
+    from ..cogvx_core.text import fit_context
+    from ..cogvx_core.vae import DiagonalGaussian
+except ImportError:
+    from cogvx_core.errors import CogVXError
+    from cogvx_core.lora import applied_loras, apply_loras
+    from cogvx_core.pipeline import denoise as run_denoise, latent_shape
+    from cogvx_core.samplers import SAMPLERS, randn_like_reference
+    from cogvx_core.text import fit_context
+    from cogvx_core.vae import DiagonalGaussian
+
+from . import host, preview
+
+log = logging.getLogger("cogvx")
+
+
+def _context(conditioning, model, name: str, node_id) -> torch.Tensor:
+    """The (B, L, D) text context of a ComfyUI CONDITIONING [[tensor, {...}], ...], fitted to the model's length."""
+    if not isinstance(conditioning, (list, tuple)) or not conditioning or not isinstance(conditioning[0], (list, tuple)):
+        raise CogVXError(f"{name}: expected CONDITIONING from a text encode node; got {type(conditioning).__name__}.")
+    if len(conditioning) > 1:
+        host.say(f"{name}: the conditioning has {len(conditioning)} entries (combined or scheduled); CogVideoX takes "
+                 "one, so the first is used.", node_id)
+    context = conditioning[0][0]
+    width = model.transformer.config["text_embed_dim"]
+    if not isinstance(context, torch.Tensor) or context.ndim != 3:
+        raise CogVXError(f"{name}: the conditioning is not a (batch, tokens, channels) text embedding.")
+    if context.shape[-1] != width:
+        raise CogVXError(f"{name}: the text embedding has {context.shape[-1]} channels but {model.variant.title} "
+                         f"takes {width} (T5-XXL). Encode the prompt with CogVXTextEncode, or with CLIPTextEncode "
+                         "from a T5-XXL text encoder (not CLIP-L/G).")
+    return fit_context(context, model.transformer.text_length)
+
+
+def _batched(context: torch.Tensor, batch: int, name: str) -> torch.Tensor:
+    if context.shape[0] == batch:
+        return context
+    if context.shape[0] == 1:
+        return context.expand(batch, -1, -1)
+    raise CogVXError(f"{name}: {context.shape[0]} prompts for a latent batch of {batch}; use one prompt, or as many "
+                     "as videos.")
+
+
+def _posterior_sample(latent: dict, generator: torch.Generator, frames: slice | None = None) -> torch.Tensor:
+    """Raw latents of an encoded LATENT: a posterior sample per video drawn from `generator` (the reference's order)
+    when the encoder's moments are there, else "samples" as they are (e.g. from ComfyUI's own nodes)."""
+    moments = latent.get("cogvx_moments")
+    if moments is None:
+        samples = latent["samples"]
+        return samples if frames is None else samples[:, :, frames]
+    if frames is not None:
+        moments = moments[:, :, frames]
+    return torch.cat([DiagonalGaussian(m[None]).sample(generator) for m in moments])
+
+
+def _activation_memory(model, shape) -> int:
+    """Rough bytes the transformer needs for activations at this latent shape (CFG doubles the batch)."""
+    b, _, t, h, w = shape
+    cfg = model.transformer.config
+    p, pt = cfg["patch_size"], cfg["patch_size_t"] or 1
+    tokens = cfg["max_text_seq_length"] + (t // pt) * (h // p) * (w // p)
+    dim = cfg["num_attention_heads"] * cfg["attention_head_dim"]
+    return int(2 * b * tokens * dim * model.transformer.dtype.itemsize * 16)
+
+
+class CogVXSampler:
+    """Samples a CogVideoX video latent."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "model": ("COGVX_MODEL",),
+                "positive": ("CONDITIONING", {"tooltip": "The prompt (CogVXTextEncode, or CLIPTextEncode with a "
+                                                         "T5-XXL text encoder)."}),
+                "negative": ("CONDITIONING", {"tooltip": "The negative prompt; the reference uses an empty one."}),
+                "latent": ("LATENT", {"tooltip": "The size (CogVXEmptyLatent / CogVXImageToVideo), or an encoded "
+                                                 "video to transform with denoise below 1 (CogVXVideoEncode)."}),
+                "seed": ("INT", {"default": 42, "min": 0, "max": 0xFFFFFFFFFFFFFFFF, "tooltip": "The same seed gives "
+                                 "the reference pipeline's video."}),
+                "steps": ("INT", {"default": 50, "min": 1, "max": 1000}),
+                "cfg": ("FLOAT", {"default": 6.0, "min": 0.0, "max": 30.0, "step": 0.1, "round": 0.01,
+                                  "tooltip": "Guidance scale; 1 or below skips the negative pass."}),
+                "sampler": (list(SAMPLERS), {"default": "ddim", "tooltip": "ddim: CogVideoX DDIM (deterministic). "
+                                             "dpm: CogVideoX SDE DPM-Solver++(2M) (the 5B default, draws noise every "
+                                             "step)."}),
+                "dynamic_cfg": ("BOOLEAN", {"default": False, "tooltip": "The reference's cosine guidance schedule "
+                                            "(recommended with dpm)."}),
+                "denoise": ("FLOAT", {"default": 1.0, "min": 0.01, "max": 1.0, "step": 0.01,
+                                      "tooltip": "1: from pure noise. Below 1: video-to-video strength on an "
+                                                 "encoded input video."}),
+            },
+            "optional": {
+                "image_cond": ("LATENT", {"tooltip": "The image conditioning of CogVXImageToVideo (I2V models "
+                                                     "only)."}),
+            },
+            "hidden": {"unique_id": "UNIQUE_ID"},
+        }
+
+    RETURN_TYPES = ("LATENT",)
+    FUNCTION = "sample"
+    CATEGORY = "CogVX/sampling"
+    DESCRIPTION = ("CogVideoX sampling (DDIM or DPM, CFG and dynamic CFG) for text-, image- and video-to-video. "
+                   "Shows a progress bar, a live preview when previews are on, and stops within a step on Cancel.")
+
+    def sample(self, model, positive, negative, latent, seed, steps, cfg, sampler, dynamic_cfg, denoise=1.0,
+               image_cond=None, unique_id=None):
+        variant, transformer = model.variant, model.transformer
+        samples = latent.get("samples") if isinstance(latent, dict) else None
+        if not isinstance(samples, torch.Tensor) or samples.ndim != 5:
+            shape = tuple(samples.shape) if isinstance(samples, torch.Tensor) else None
+            raise CogVXError(f"The latent must be a video latent (B, 16, T, h, w); got {shape}. Make it with "
+                             "CogVXEmptyLatent, CogVXImageToVideo or CogVXVideoEncode.")
+        b, c, t, h, w = samples.shape
+        if c != transformer.config["out_channels"]:
+            raise CogVXError(f"The latent has {c} channels; CogVideoX latents have {transformer.config['out_channels']}. "
+                             "It comes from another model's VAE; encode with the CogVideoX VAE.")
+        if h % 2 or w % 2:
+            raise CogVXError(f"The latent is {w * 8}x{h * 8} pixels; CogVideoX needs multiples of 16. Make the latent "
+                             "with CogVXEmptyLatent, which snaps the size.")
+        if variant.i2v and image_cond is None:
+            raise CogVXError(f"{variant.title} is an image-to-video model: connect CogVXImageToVideo's image_cond "
+                             "(and its latent), or load a text-to-video model.")
+        if not variant.i2v and image_cond is not None:
+            raise CogVXError(f"{variant.title} is a text-to-video model and cannot take image_cond: load an "
+                             "image-to-video model (5B-I2V or 1.5-5B-I2V), or disconnect it.")
+        video_to_video = denoise < 1.0
+        if video_to_video and variant.i2v:
+            raise CogVXError("denoise below 1 (video-to-video) works with text-to-video models only; set denoise to "
+                             "1 for image-to-video.")
+
+        cond = _batched(_context(positive, model, "positive", unique_id), b, "positive")
+        uncond = _batched(_context(negative, model, "negative", unique_id), b, "negative") if cfg > 1 else None
+
+        frames = (t - 1) * 4 + 1
+        shape, pad = latent_shape(transformer, b, frames, h * 8, w * 8)
+        if video_to_video and pad:
+            raise CogVXError(f"{variant.title} needs an even latent frame count for video-to-video; this video has "
+                             f"{t} latent frames ({frames} pixel frames): use {frames - 4} or {frames + 4} frames.")
+        device = model.managed.load(_activation_memory(model, shape))
+        if model.loras or applied_loras(transformer):  # this handle's LoRAs, none left from another handle's run
+            apply_loras(transformer, model.loras)
+        dtype = transformer.dtype
+        schedule = model.schedule
+        sf, invert = model.scaling_factor, model.invert_scale_latents
+        generator = torch.Generator("cpu").manual_seed(int(seed))
+        timesteps = schedule.timesteps(steps)
+
+        image_latents = None
+        if video_to_video:
+            timesteps = schedule.strength_timesteps(timesteps, denoise)
+            init = sf * _posterior_sample(latent, generator).to(device, dtype)
+            noise = randn_like_reference(shape, generator, dtype, device)
+            latents = schedule.add_noise(init, noise, int(timesteps[0]))
+        else:
+            if image_cond is not None:
+                image_latents = self._image_latents(image_cond, generator, shape, pad, sf, invert, dtype, device)
+            latents = randn_like_reference(shape, generator, dtype, device)
+
+        bar = host.Progress(len(timesteps))
+        show = host.previews_enabled()
+
+        def on_step(i, n, x, x0):
+            image = preview.latent_to_image(x0[:, :, pad:] / sf) if show else None
+            bar.update(i + 1, image)
+
+        context_device = dict(device=device, dtype=dtype)
+        with torch.no_grad():
+            out = run_denoise(transformer, latents, cond=cond.to(**context_device),
+                              uncond=None if uncond is None else uncond.to(**context_device), schedule=schedule,
+                              timesteps=timesteps, num_steps=steps, sampler=sampler, guidance=float(cfg),
+                              dynamic_cfg=bool(dynamic_cfg), generator=generator, image_latents=image_latents,
+                              callback=on_step)
+        raw = (1 / sf * out[:, :, pad:]).float()  # scaled back in the model dtype, as the reference decodes
+        return ({"samples": raw.to(host.intermediate_device())},)
+
+    @staticmethod
+    def _image_latents(image_cond: dict, generator, shape, pad: int, sf: float, invert: bool, dtype, device):
+        """Model-scale image conditioning (B, 16, T + pad, h, w): the start image at frame 0 of the padded sequence (and
+        the end image at the last frame), zeros between, as the reference lays it out (its 1.5 front padding adds a
+        noise frame, not an image frame)."""
+        b, c, t_padded, h, w = shape
+        cond_samples = image_cond.get("samples") if isinstance(image_cond, dict) else None
+        if not isinstance(cond_samples, torch.Tensor) or cond_samples.ndim != 5:
+            raise CogVXError("image_cond must be the image_cond output of CogVXImageToVideo.")
+        if tuple(cond_samples.shape[-2:]) != (h, w):
+            raise CogVXError(f"The image conditioning is {cond_samples.shape[-1] * 8}x{cond_samples.shape[-2] * 8} but "
+                             f"the latent is {w * 8}x{h * 8}: connect the latent of the same CogVXImageToVideo node.")
+        if cond_samples.shape[0] not in (1, b):
+            raise CogVXError(f"The image conditioning has {cond_samples.shape[0]} images for {b} videos.")
+        ends = cond_samples.shape[2]  # 1 (start) or 2 (start, end)
+        raw = [_posterior_sample(image_cond, generator, slice(k, k + 1)) for k in range(ends)]
+        scaled = [(1 / sf * r if invert else sf * r).to(device, dtype).expand(b, -1, -1, -1, -1) for r in raw]
+        cond = torch.zeros((b, c, t_padded, h, w), device=device, dtype=dtype)
+        cond[:, :, :1] = scaled[0]
+        if ends > 1:
+            if t_padded - pad < 2:
+                raise CogVXError("An end image needs at least 5 frames.")
+            cond[:, :, -1:] = scaled[1]
+        return cond

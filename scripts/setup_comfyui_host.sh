@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# Builds a ComfyUI host for tests/host/test_comfyui_host.py from a ComfyUI source tree that is already on disk
+# (this script downloads no ComfyUI: point it at a checkout or an unpacked archive, outside this repository).
+#
+#   bash scripts/setup_comfyui_host.sh VERSION DIR
+#
+# VERSION  the ComfyUI version the tree is (checked against DIR/comfyui_version.py), e.g. 0.20.1 or 0.3.54
+# DIR      the ComfyUI tree (main.py, requirements.txt, comfyui_version.py)
+#
+# It makes a virtual environment in DIR/.venv (or $COMFYUI_VENV) with ComfyUI's requirements, this pack's own
+# runtime dependencies and comfy-cli (the headless client the test drives), plus playwright when Debian's chromium
+# is installed (for the test's browser check), then prints the two variables the host test reads. Re-running it only checks what is there. ComfyUI's requirements pull a CUDA build of torch;
+# the test server runs with --cpu all the same.
+set -euo pipefail
+
+if [[ $# -ne 2 ]]; then
+    echo "usage: $0 VERSION DIR   (DIR: a ComfyUI source tree of that version, outside this repository)" >&2
+    exit 2
+fi
+VERSION=$1
+DIR=$(cd "$2" && pwd)
+REPO=$(cd "$(dirname "$0")/.." && pwd)
+PY=${PYTHON:-python3}
+VENV=${COMFYUI_VENV:-$DIR/.venv}
+COMFY_CLI_VERSION=${COMFY_CLI_VERSION:-1.23.0}
+
+for f in main.py requirements.txt comfyui_version.py; do
+    [[ -f "$DIR/$f" ]] || { echo "$DIR has no $f: not a ComfyUI tree." >&2; exit 1; }
+done
+found=$(sed -n 's/^__version__ = "\(.*\)"/\1/p' "$DIR/comfyui_version.py")
+if [[ "$found" != "$VERSION" ]]; then
+    echo "$DIR is ComfyUI $found, not $VERSION: point at the right tree." >&2
+    exit 1
+fi
+case "$REPO/" in "$DIR"/*) echo "Put the ComfyUI tree outside this repository." >&2; exit 1 ;; esac
+
+# torch pins per host: torchaudio's newest build matches torch 2.11 / torchvision 0.26, and ComfyUI imports
+# torchaudio for its audio nodes. Older hosts run on the same builds.
+case "$VERSION" in
+    *) TORCH_PINS=("torch==2.11.*" "torchvision==0.26.*" "torchaudio==2.11.*") ;;
+esac
+
+if [[ ! -x "$VENV/bin/python" ]]; then
+    "$PY" -m venv "$VENV"
+fi
+VPY="$VENV/bin/python"
+"$VPY" -m pip install -q --upgrade pip
+constraints=$(mktemp)
+trap 'rm -f "$constraints"' EXIT
+printf '%s\n' "${TORCH_PINS[@]}" > "$constraints"
+"$VPY" -m pip install -q -c "$constraints" "${TORCH_PINS[@]}"
+"$VPY" -m pip install -q -c "$constraints" -r "$DIR/requirements.txt"
+# This pack's runtime dependencies (what ComfyUI-Manager would install from requirements.txt), and the client.
+"$VPY" -m pip install -q -c "$constraints" -r "$REPO/requirements.txt" "comfy-cli==$COMFY_CLI_VERSION"
+# The browser check of the host test drives the host's own frontend with Debian's chromium through playwright.
+if [[ -x /usr/bin/chromium ]]; then
+    "$VPY" -m pip install -q playwright
+fi
+"$VPY" -c "import torch, torchaudio, safetensors, transformers, sentencepiece; print('torch', torch.__version__)"
+
+echo
+echo "ComfyUI $VERSION host ready. Run the host test with:"
+echo "  COMFYUI_PATH=$DIR COMFYUI_PYTHON=$VPY python3 -m pytest -q tests/host"
