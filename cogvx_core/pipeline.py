@@ -161,6 +161,7 @@ class CogVideoXPipeline:
         uncond = self.text_encoder.encode(negatives, dtype=self.dtype, device=self.device)
         return cond, uncond
 
+    @torch.no_grad()  # inference kernels, as the reference's __call__; no activations kept
     def generate(self, prompt: str | list[str] | None = None, negative_prompt: str | list[str] = "", *,
                  cond: torch.Tensor | None = None, uncond: torch.Tensor | None = None,
                  image: torch.Tensor | None = None, video: torch.Tensor | None = None, strength: float = 0.8,
