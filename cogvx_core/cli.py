@@ -18,6 +18,7 @@ COMMANDS = {
     "generate": "generate",
     "bench": "bench",
     "upsample": "upsample",
+    "train": "train",
 }
 
 

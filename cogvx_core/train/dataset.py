@@ -211,7 +211,7 @@ def read_media(item: MediaItem) -> tuple[torch.Tensor, float | None]:
     """(frames (T, H, W, 3) in [0, 1], the source fps or None). Errors name the file."""
     if item.kind == "image":
         image = read_image(item.path)
-        return torch.from_numpy(np.asarray(image)).float()[None] / 255.0, None
+        return torch.from_numpy(np.array(image)).float()[None] / 255.0, None
     frames = read_frames(item.path)
     if frames.shape[0] == 0:
         raise CogVXError(f"{item.path}: this video has no frames; the file may be corrupt.")
@@ -219,8 +219,9 @@ def read_media(item: MediaItem) -> tuple[torch.Tensor, float | None]:
 
 
 def resample_indices(count: int, source_fps: float | None, target_fps: float | None) -> list[int]:
-    """Frame indices that play `count` frames at `source_fps` back at `target_fps` (nearest earlier frame)."""
-    if not source_fps or not target_fps or abs(source_fps / target_fps - 1) < 0.01:
+    """Frame indices that play `count` frames at `source_fps` back at `target_fps` (nearest earlier frame).
+    Rates within 5% are taken as equal (GIF frame times are whole hundredths of a second)."""
+    if not source_fps or not target_fps or abs(source_fps / target_fps - 1) < 0.05:
         return list(range(count))
     step = source_fps / target_fps
     return [int(i * step + 1e-6) for i in range(int((count - 1) / step + 1e-6) + 1)]
