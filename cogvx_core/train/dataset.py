@@ -406,5 +406,40 @@ class _Probes:
             self.dirty = False
 
 
-def entry_dicts(dataset: CogVXDataset) -> list[dict]:
-    return [asdict(e) for e in dataset.entries]
+MANIFEST_FORMAT = 1
+
+
+def save_manifest(dataset: CogVXDataset, path: str | os.PathLike) -> Path:
+    """Writes what a prepared dataset is (its entries, buckets and cache folder) as JSON, so a later process can
+    train on it with load_manifest, without the VAE and T5 and without scanning the folder again."""
+    path = Path(path)
+    data = {"format": MANIFEST_FORMAT, "variant": dataset.variant, "fps": dataset.fps,
+            "cache": str(dataset.cache.root.resolve()), "notes": dataset.notes,
+            "buckets": {"resolutions": [list(r) for r in dataset.buckets.resolutions],
+                        "frame_counts": list(dataset.buckets.frame_counts)},
+            "entries": [asdict(e) for e in dataset.entries]}
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1))
+    os.replace(tmp, path)
+    return path
+
+
+def load_manifest(path: str | os.PathLike) -> CogVXDataset:
+    """A dataset saved by save_manifest; its cache entries must still exist."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise CogVXError(f"{path}: cannot read this dataset manifest ({e}); prepare the dataset again.")
+    if data.get("format") != MANIFEST_FORMAT:
+        raise CogVXError(f"{path}: dataset manifest format {data.get('format')} is not this version's; prepare the "
+                         "dataset again.")
+    cache = Cache(data["cache"])
+    entries = [Entry(**e) for e in data["entries"]]
+    missing = [e.source for e in entries if not (cache.has("latents", e.latent_key) and cache.has("text", e.text_key))]
+    if missing:
+        raise CogVXError(f"{path}: the cache lacks the encodings of {len(missing)} clip(s) (e.g. {missing[0]}); "
+                         "prepare the dataset again.")
+    b = data["buckets"]
+    buckets = Buckets(tuple(tuple(r) for r in b["resolutions"]), tuple(b["frame_counts"]))
+    return CogVXDataset(entries, cache, buckets, data["variant"], data["fps"], list(data.get("notes", [])))
