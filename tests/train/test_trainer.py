@@ -77,7 +77,7 @@ def test_kill_and_resume_equals_an_uninterrupted_run(setup, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
 
     def cmd(out, ckpt, sleep=0.0):
-        return [sys.executable, str(HERE / "resume_worker.py"), "--model", str(folder), "--manifest", str(manifest),
+        return [sys.executable, str(HERE / "train_worker.py"), "--model", str(folder), "--manifest", str(manifest),
                 "--checkpoint-dir", str(ckpt), "--out", str(out), "--steps", "8", "--sleep", str(sleep)]
 
     straight = subprocess.Popen(cmd(tmp_path / "straight.safetensors", tmp_path / "ckpt-a"), env=env,
