@@ -60,6 +60,7 @@ def test_text_to_video_matches_reference(tmp_path, folders, case):
     ours = _ours(tmp_path, folder, *extra)
     ref = _reference(folder, kind, sampler, **ref_kwargs)
     assert ours.shape == ref.shape == (FRAMES, ref_kwargs["height"], ref_kwargs["width"], 3)
+    print(f"PSNR {psnr(ours, ref):.1f} dB")
     assert psnr(ours, ref) >= 50
     assert ours.std() > 5  # a real picture, not a flat field
 
@@ -78,6 +79,7 @@ def test_image_to_video_matches_reference(tmp_path, folders, variant, h, w):
     ours = _ours(tmp_path, folder, "--image", str(tmp_path / "start.png"), "--height", str(h), "--width", str(w))
     ref = _reference(folder, "i2v", image=img, height=h, width=w)
     assert ours.shape == ref.shape
+    print(f"PSNR {psnr(ours, ref):.1f} dB")
     assert psnr(ours, ref) >= 50
 
 
@@ -90,6 +92,7 @@ def test_video_to_video_matches_reference(tmp_path, folders):
     ours = _ours(tmp_path, folder, "--video", str(tmp_path / "in"), "--strength", "0.6")
     ref = _reference(folder, "v2v", video=frames, strength=0.6, height=96, width=128)
     assert ours.shape == ref.shape
+    print(f"PSNR {psnr(ours, ref):.1f} dB")
     assert psnr(ours, ref) >= 50
 
 
