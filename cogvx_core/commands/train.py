@@ -75,8 +75,8 @@ def add_arguments(p) -> None:
 class TrainBar:
     """One line on stderr: step, loss (and its running mean), step time, ETA, and the latest validation loss."""
 
-    def __init__(self, total: int, start_step: int, stream=sys.stderr):
-        self.total, self.start_step, self.stream = total, start_step, stream
+    def __init__(self, total: int, start_step: int, stream=None):
+        self.total, self.start_step, self.stream = total, start_step, stream or sys.stderr
         self.started = time.perf_counter()
         self.mean = None
         self.val = None

@@ -9,6 +9,7 @@ import torch
 from PIL import Image
 
 from cogvx_core.checkpoints.transformer import load_transformer
+from cogvx_core.checkpoints.vae import load_vae
 from cogvx_core.text import load_text_encoder
 from cogvx_core.train.buckets import make_buckets
 from cogvx_core.train.dataset import prepare_dataset
@@ -18,41 +19,11 @@ CAPTIONS = ["a small red fox runs", "a big blue owl flies", "a grey dog on the r
             "a pink bird at the beach", "a dark horse on the hill"]
 
 
-class _ReferenceVAE:
-    """diffusers' VAE behind our VAE's interface, until cogvx_core.checkpoints.vae exists in this checkout."""
-
-    def __init__(self, folder):
-        from diffusers import AutoencoderKLCogVideoX
-
-        self.model = AutoencoderKLCogVideoX.from_pretrained(str(folder)).eval()
-        self.config = dict(self.model.config)
-        self.scaling_factor = self.model.config.scaling_factor
-        self.invert_scale_latents = self.model.config.invert_scale_latents
-
-    device = property(lambda self: self.model.device)
-    dtype = property(lambda self: self.model.dtype)
-
-    def state_dict(self):
-        return self.model.state_dict()
-
-    @torch.no_grad()
-    def encode_posterior(self, pixels):
-        return self.model.encode(pixels).latent_dist
-
-
-def load_vae(folder: Path):
-    try:
-        from cogvx_core.checkpoints.vae import load_vae as ours
-    except ImportError:
-        return _ReferenceVAE(Path(folder) / "vae")
-    return ours(Path(folder) / "vae", dtype=torch.float32)
-
-
 def load_parts(folder: Path):
     """(transformer fp32, vae, text encoder) of a folder made by builders.write_pipeline_folder."""
     transformer = load_transformer(Path(folder) / "transformer", dtype=torch.float32)
     text = load_text_encoder(folder, dtype=torch.float32, max_length=transformer.config["max_text_seq_length"])
-    return transformer, load_vae(folder), text
+    return transformer, load_vae(Path(folder) / "vae", dtype=torch.float32), text
 
 
 def clip_frames(frames: int, height: int, width: int, seed: int) -> torch.Tensor:
