@@ -19,6 +19,7 @@ COMMANDS = {
     "bench": "bench",
     "upsample": "upsample",
     "train": "train",
+    "bench-train": "bench_train",
 }
 
 
