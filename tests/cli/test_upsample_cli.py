@@ -16,13 +16,6 @@ from tests.llm_fixtures import ChatServer, build_tiny_llm
 ROOT = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture(autouse=True)
-def _fresh_cache():
-    caption.clear_cache()
-    yield
-    caption.clear_cache()
-
-
 @pytest.fixture(scope="module")
 def llm(tmp_path_factory):
     return build_tiny_llm(tmp_path_factory.mktemp("llm"))

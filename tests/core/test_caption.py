@@ -16,13 +16,6 @@ from cogvx_core.errors import CheckpointError, CogVXError
 from tests.llm_fixtures import ChatServer, build_tiny_llm, build_tiny_vlm, build_tokenizer
 
 
-@pytest.fixture(autouse=True)
-def _fresh_cache():
-    caption.clear_cache()
-    yield
-    caption.clear_cache()
-
-
 @pytest.fixture(scope="module")
 def llama_folder(tmp_path_factory):
     return build_tiny_llm(tmp_path_factory.mktemp("llama"), "llama")

@@ -6,7 +6,6 @@ pipeline's __call__ runs it (with grad, CPU SDPA takes another kernel and differ
 """
 
 import importlib.util
-import io
 import json
 import logging
 import shutil
@@ -15,6 +14,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from builders import train_spiece
 from cogvx_core.checkpoints.t5 import find_t5_layout, load_t5_encoder, load_t5_tokenizer, t5_config_from_shapes
 from cogvx_core.errors import CheckpointError, CogVXError
 from cogvx_core.text import TextEncoder, fit_context, load_text_encoder
@@ -34,30 +34,8 @@ PROMPTS = ["a small red fox runs along the river under a stormy sky",
            "an old owl sits on the hill, bright gold light"]
 LONG_PROMPT = " ".join(["a tiny blue bird flies over the grass"] * 8)
 
-_WORDS = {"size": ["small", "big", "tiny", "old", "young", "huge"],
-          "colour": ["red", "blue", "gold", "grey", "pink", "dark"],
-          "animal": ["cat", "dog", "fox", "owl", "bird", "horse"],
-          "place": ["beach", "road", "grass", "hill", "river", "street"],
-          "sky": ["stormy", "bright", "clear", "cloudy", "pale", "golden"]}
-
-
-def _sentences():
-    out = []
-    for i in range(36):  # every word of every list appears (the index steps are coprime to 6)
-        w = {k: v[(i * step + i // 6) % 6] for step, (k, v) in zip((1, 5, 1, 5, 0), _WORDS.items())}
-        out.append(f"a {w['size']} {w['colour']} {w['animal']} runs along the {w['place']} under a {w['sky']} sky, "
-                   f"light and shadow, scene {i}")
-    return out
-
-
 def _train_spiece() -> bytes:
-    """A tiny unigram sentencepiece model with T5's special ids: pad 0, eos 1, unk 2, no bos."""
-    buf = io.BytesIO()
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(_sentences()), model_writer=buf, vocab_size=64, hard_vocab_limit=False,
-        model_type="unigram", pad_id=0, eos_id=1, unk_id=2, bos_id=-1, pad_piece="<pad>", eos_piece="</s>",
-        unk_piece="<unk>", minloglevel=2, num_threads=1)
-    return buf.getvalue()
+    return train_spiece()
 
 
 def _no_embed_alias(sd: dict) -> dict:

@@ -20,13 +20,6 @@ from tests.llm_fixtures import ChatServer, build_tiny_llm
 ROOT = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture(autouse=True)
-def _fresh_cache():
-    caption.clear_cache()
-    yield
-    caption.clear_cache()
-
-
 @pytest.fixture(scope="module")
 def models_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("models")
