@@ -34,7 +34,7 @@ try:  # inside ComfyUI the pack is one package: the core is a sibling sub-packag
     from ..cogvx_core.train.dataset import CogVXDataset as Dataset, prepare_dataset, scan_folder
     from ..cogvx_core.train.estimate import estimate
     from ..cogvx_core.train.plot import loss_chart
-    from ..cogvx_core.train.trainer import Trainer, TrainSettings
+    from ..cogvx_core.train.trainer import Trainer, TrainSettings, clear_checkpoints
 except ImportError:  # plain Python (tests, scripts): the pack root is on sys.path
     from cogvx_core.checkpoints.lora import Lora
     from cogvx_core.errors import CogVXError
@@ -44,7 +44,7 @@ except ImportError:  # plain Python (tests, scripts): the pack root is on sys.pa
     from cogvx_core.train.dataset import CogVXDataset as Dataset, prepare_dataset, scan_folder
     from cogvx_core.train.estimate import estimate
     from cogvx_core.train.plot import loss_chart
-    from cogvx_core.train.trainer import Trainer, TrainSettings
+    from cogvx_core.train.trainer import Trainer, TrainSettings, clear_checkpoints
 
 from . import host
 
@@ -249,6 +249,8 @@ class CogVXTrainLora:
             if report.step == target or (report.step - start) % PREVIEW_EVERY == 0:
                 preview = loss_chart(trainer.losses, trainer.validations, width=512, height=256,
                                      title=f"step {report.step}/{total_steps}")
+            host.send("cogvx.train.progress", {"node": node, "step": report.step, "total": total_steps,
+                                               "loss": None if report.skipped else report.loss})
             progress.update(report.step - start, preview)
             host.throw_if_interrupted()
 
@@ -276,7 +278,11 @@ class CogVXTrainLora:
             trainer = Trainer(model.transformer, dataset, settings, schedule=getattr(model, "schedule", None),
                               scaling_factor=getattr(model, "scaling_factor", None),
                               dist=ddp.DistInfo(device=device), checkpoint_dir=checkpoint_dir or None)
-            if checkpoint_dir and not restart:
+            if checkpoint_dir and restart:
+                removed = clear_checkpoints(checkpoint_dir)
+                if removed:
+                    log.warning("CogVXTrainLora: restart: removed %d old checkpoint(s) from %s", removed, checkpoint_dir)
+            elif checkpoint_dir:
                 resumed = trainer.resume()
                 if resumed is not None:
                     log.warning("CogVXTrainLora: resumed from step %d in %s", resumed, checkpoint_dir)

@@ -112,7 +112,7 @@ def run(args) -> int:
     from ..train.buckets import make_buckets, parse_resolutions
     from ..train.dataset import prepare_dataset
     from ..train.estimate import estimate
-    from ..train.trainer import Trainer, TrainSettings
+    from ..train.trainer import Trainer, TrainSettings, latest_checkpoint
 
     root = Path(args.model)
     if not (root / "transformer").is_dir():
@@ -174,6 +174,11 @@ def run(args) -> int:
             schedule = NoiseSchedule.from_config(read_json(root / "scheduler" / "scheduler_config.json", "scheduler"))
         trainer = Trainer(transformer, dataset, settings, schedule=schedule, scaling_factor=sf, dist=info,
                           checkpoint_dir=args.checkpoint_dir, val_dataset=val_dataset)
+        if args.checkpoint_dir and not args.resume:
+            existing = latest_checkpoint(args.checkpoint_dir)
+            if existing is not None:
+                raise CogVXError(f"--checkpoint-dir {args.checkpoint_dir} already holds a run's checkpoints (latest: "
+                                 f"{existing.name}); add --resume to continue it, or use an empty folder.")
         if args.resume:
             step = trainer.resume()
             if main:
@@ -190,6 +195,9 @@ def run(args) -> int:
                 path = trainer.save_checkpoint()
                 print(f"\ninterrupted; state saved to {path}; continue with --resume", file=sys.stderr)
             raise
+        if args.checkpoint_dir and getattr(latest_checkpoint(args.checkpoint_dir), "name", "") != \
+                f"step-{trainer.step:08d}":
+            trainer.save_checkpoint()  # the end state too, so a later run can continue with a higher --steps
         out = trainer.save(args.out)
         if main:
             print(out)

@@ -338,11 +338,11 @@ def prepare_dataset(folder: str | os.PathLike, *, vae, text_encoder, variant: Va
             continue
         available = len(resample_indices(probe["frames"], probe["fps"], target_fps))
         frames, h, w = assign(available if item.kind != "image" else 1, probe["height"], probe["width"], buckets)
-        if item.kind != "image" and frames < available and frames * 2 <= available:
-            notes.append(f"{item.path.name}: {available} frames, trained on the first {frames} (longest bucket)")
-        elif item.kind != "image" and frames == 1 and available > 1:
+        if item.kind != "image" and frames == 1 and available > 1:
             notes.append(f"{item.path.name}: {available} frames is shorter than every video bucket; trained as one "
                          "frame")
+        elif item.kind != "image" and frames * 2 <= available:
+            notes.append(f"{item.path.name}: {available} frames, trained on the first {frames} (longest bucket)")
         latent_key = key_of("latents", {"media": digest, "frames": frames, "size": [h, w], "fps": target_fps,
                                         "crop": "center", "vae": vae_id})
         text_key = key_of("text", {"caption": item.caption, "encoder": text_id})

@@ -607,8 +607,18 @@ def write_checkpoint(root: Path, step: int, tensors: dict[str, torch.Tensor], st
     os.replace(tmp, final)
     _fsync(root)
     for old in list_checkpoints(root)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+        if old != final:
+            shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def clear_checkpoints(root: str | os.PathLike) -> int:
+    """Deletes every checkpoint (and killed write) in `root`, for a run that starts over there; returns how many."""
+    root = Path(root)
+    found = list_checkpoints(root) + [p for p in root.glob(f".{STEP_PREFIX}*.tmp-*")] if root.is_dir() else []
+    for p in found:
+        shutil.rmtree(p, ignore_errors=True)
+    return len(found)
 
 
 def list_checkpoints(root: str | os.PathLike) -> list[Path]:

@@ -76,6 +76,8 @@ def test_resume_continues_to_the_same_lora(model_folder, data, tmp_path, capsys)
     resumed = tmp_path / "resumed.safetensors"
     assert _train(folder, data, resumed, "--steps", "6", "--checkpoint-dir", str(ckpt), "--resume") == 0
     assert "resumed from step 3" in capsys.readouterr().err
+    assert _train(folder, data, resumed, "--steps", "6", "--checkpoint-dir", str(ckpt)) == 2
+    assert "already holds a run's checkpoints (latest: step-00000006); add --resume" in capsys.readouterr().err
     a, _ = _tensors(straight)
     b, _ = _tensors(resumed)
     assert all(torch.equal(a[k], b[k]) for k in a)
