@@ -1,6 +1,6 @@
-"""A training process for the kill-and-resume and DDP tests: trains the tiny model on a prepared dataset (a
-manifest, so no VAE or T5 is loaded), printing each step, optionally sleeping after each (so a test can kill it
-mid-run), resuming from the latest checkpoint; under torchrun every rank also dumps its own trainable weights."""
+"""A training process for the kill-and-resume test: trains the tiny model on a prepared dataset (a manifest, so no
+VAE or T5 is loaded), printing each step, optionally sleeping after each (so the test can kill it mid-run), and
+resuming from the latest checkpoint."""
 
 import argparse
 import sys
@@ -8,13 +8,11 @@ import time
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
 sys.path[:0] = [str(Path(__file__).resolve().parents[2]), str(Path(__file__).resolve().parents[1]),
                 str(Path(__file__).resolve().parent)]
 
 from cogvx_core.checkpoints.transformer import load_transformer  # noqa: E402
-from cogvx_core.train import ddp  # noqa: E402
 from cogvx_core.train.dataset import load_manifest  # noqa: E402
 from cogvx_core.train.trainer import Trainer, TrainSettings  # noqa: E402
 
@@ -29,14 +27,12 @@ if __name__ == "__main__":
     p.add_argument("--out")
     p.add_argument("--steps", type=int)
     p.add_argument("--sleep", type=float, default=0.0)
-    p.add_argument("--dump", help="each rank writes its trainable weights to DUMP.rank<r>.safetensors")
     args = p.parse_args()
     torch.set_num_threads(1)
 
-    info = ddp.init_from_env("cpu")
     transformer = load_transformer(Path(args.model) / "transformer", dtype=torch.float32)
     ds = load_manifest(args.manifest)
-    trainer = Trainer(transformer, ds, TrainSettings(steps=args.steps, **SETTINGS), scaling_factor=0.7, dist=info,
+    trainer = Trainer(transformer, ds, TrainSettings(steps=args.steps, **SETTINGS), scaling_factor=0.7,
                       checkpoint_dir=args.checkpoint_dir)
     resumed = trainer.resume()
     print(f"resumed {resumed}", flush=True)
@@ -47,8 +43,4 @@ if __name__ == "__main__":
 
     trainer.run(on_step=report)
     trainer.save(args.out)
-    if args.dump:
-        save_file({n: p.detach().contiguous() for n, p in zip(trainer.param_names, trainer.params)},
-                  f"{args.dump}.rank{info.rank}.safetensors", metadata={"losses": repr(trainer.losses)})
-    ddp.shutdown(info)
     print("done", flush=True)
