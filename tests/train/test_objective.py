@@ -109,3 +109,22 @@ def test_training_steps_match_a_diffusers_peft_loop(model_folder, tmp_path):
         assert rel_l2(ours_final[ours_name].detach(), ref_params[ref_name].detach()) < 1e-4, ours_name
     moved = sum(rel_l2(ours_final[n].detach(), ours_init[n]) for n in ours_init if n.endswith("down"))
     assert moved > 1e-4  # training changed the LoRA (so the comparison means something)
+
+
+def test_bench_train_workers_agree(tmp_path):
+    """`cogvx bench-train`'s two workers (ours: the Trainer; reference: diffusers + peft) on the same setup give the
+    same losses step by step (run in this process here; the command runs each in a fresh one)."""
+    import argparse
+
+    from cogvx_core.commands import bench_train
+
+    p = argparse.ArgumentParser()
+    bench_train.add_arguments(p)
+    args = p.parse_args(["--layers", "1", "--heads", "2", "--height", "32", "--width", "48", "--rank", "4",
+                         "--steps", "2", "--device", "cpu"])
+    bench_train._prepare(args, tmp_path)
+    ours = bench_train._worker_ours(args, tmp_path)
+    ref = bench_train._worker_reference(args, tmp_path)
+    assert len(ours["losses"]) == len(ref["losses"]) == 3 and len(ours["times"]) == 2
+    torch.testing.assert_close(torch.tensor(ours["losses"]), torch.tensor(ref["losses"]), rtol=1e-5, atol=0)
+    assert ours["rss_peak_mib"] >= ours["rss_before_mib"] > 0
