@@ -236,7 +236,14 @@ class CogVXTrainLora:
             timestep_sampling=timestep_sampling, frame_pack=frame_pack, val_every=validation_every,
             save_every=save_every if checkpoint_dir.strip() else 0)
         settings.check()
-        session = self._session(node, model, dataset, settings, checkpoint_dir.strip(), restart, device)
+        # ComfyUI runs nodes under torch.inference_mode: the LoRA, the optimizer state and every step must not be
+        # inference tensors, so the whole session lives outside it
+        with torch.inference_mode(False), torch.enable_grad():
+            return self._train(node, model, dataset, settings, steps_per_run, total_steps, checkpoint_dir.strip(),
+                               restart, device)
+
+    def _train(self, node, model, dataset, settings, steps_per_run, total_steps, checkpoint_dir, restart, device):
+        session = self._session(node, model, dataset, settings, checkpoint_dir, restart, device)
         trainer = session.trainer
         trainer.settings.val_every, trainer.settings.save_every = settings.val_every, settings.save_every
         _load(model)
@@ -255,9 +262,8 @@ class CogVXTrainLora:
             host.throw_if_interrupted()
 
         try:
-            with torch.inference_mode(False), torch.enable_grad():
-                trainer.activate()
-                trainer.run(until=target, on_step=on_step)
+            trainer.activate()
+            trainer.run(until=target, on_step=on_step)
         finally:
             trainer.deactivate()
             if session.checkpoint_dir and trainer.step > start:

@@ -194,6 +194,7 @@ class Trainer:
             transformer.float().requires_grad_(True)
             self.params = [p for p in transformer.parameters()]
         else:
+            transformer.requires_grad_(False)  # only the LoRA learns (and only its gradients are kept)
             self.params = add_trainable_lora(transformer, settings.rank, settings.alpha, settings.targets,
                                              init="peft", dtype=torch.float32,
                                              generator=generator(settings.seed, "lora-init"))
@@ -568,9 +569,10 @@ STEP_PREFIX = "step-"
 
 
 def _clone_state(sd: dict) -> dict:
+    """A deep copy of an optimizer state dict with its tensors on the CPU (load_state_dict moves them back)."""
     def clone(v):
         if torch.is_tensor(v):
-            return v.detach().clone()
+            return v.detach().to("cpu", copy=True)
         if isinstance(v, dict):
             return {k: clone(x) for k, x in v.items()}
         if isinstance(v, list):

@@ -69,10 +69,12 @@ def test_chunked_runs_equal_one_straight_run_and_leave_the_model_alone(handles, 
     model = handles[0]
     base = _forward(model.transformer)
     node = CogVXTrainLora()
-    first = node.train(model, dataset, **TRAIN, unique_id="chunks")
+    with torch.inference_mode():  # as ComfyUI runs nodes
+        first = node.train(model, dataset, **TRAIN, unique_id="chunks")
     assert first["result"][2] == 3 and len(first["result"][1]["loss"]) == 3
     assert torch.equal(_forward(model.transformer), base)  # between runs the shared model is the base model
-    second = node.train(model, dataset, **TRAIN, unique_id="chunks")
+    with torch.inference_mode():
+        second = node.train(model, dataset, **TRAIN, unique_id="chunks")
     lora, loss_map, steps = second["result"]
     assert steps == 6 and loss_map["steps"] == list(range(1, 7))
     ui = second["ui"]
