@@ -39,6 +39,8 @@ def add_arguments(p) -> None:
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--steps", type=int, default=5, help="timed steps (after one warm-up step)")
+    p.add_argument("--rounds", type=int, default=3, help="worker pairs, run interleaved (reference, ours, ...) so "
+                   "that load drift hits both alike; medians over all rounds are reported")
     p.add_argument("--no-gradient-checkpointing", action="store_true")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--threads", type=int, default=0, help="torch threads in each worker (0: torch's default)")
@@ -277,31 +279,34 @@ def run(args) -> int:
     if missing:
         raise CogVXError(f"bench-train compares against the reference and needs {' and '.join(missing)}: "
                          f"pip install {' '.join(missing)}")
-    results = {}
+    results: dict[str, list[dict]] = {"reference": [], "ours": []}
     with tempfile.TemporaryDirectory(prefix="cogvx-bench-train-") as tmp:
         work = Path(tmp)
         _prepare(args, work)
-        for side in ("reference", "ours"):
-            cmd = [sys.executable, "-m", "cogvx_core", "bench-train", "--worker", side, "--workdir", str(work),
-                   *_passthrough(args)]
-            env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2]) + os.pathsep
-                   + os.environ.get("PYTHONPATH", "")}
-            proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-            line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
-            if proc.returncode or line is None:
-                raise CogVXError(f"bench-train: the {side} worker failed:\n{proc.stderr[-2000:]}")
-            results[side] = json.loads(line[len("RESULT "):])
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[2]),
+                                                                         os.environ.get("PYTHONPATH")]))}
+        for _ in range(max(args.rounds, 1)):
+            for side in ("reference", "ours"):
+                cmd = [sys.executable, "-m", "cogvx_core", "bench-train", "--worker", side, "--workdir", str(work),
+                       *_passthrough(args)]
+                proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+                line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
+                if proc.returncode or line is None:
+                    raise CogVXError(f"bench-train: the {side} worker failed:\n{proc.stderr[-2000:]}")
+                results[side].append(json.loads(line[len("RESULT "):]))
 
-    def summary(r: dict) -> dict:
-        step = statistics.median(r["times"])
-        return {"steps_per_s": 1 / step, "step_s": step, "peak_rss_mib": r["rss_peak_mib"],
-                "train_rss_mib": r["rss_peak_mib"] - r["rss_before_mib"], "cuda_peak_mib": r["cuda_peak_mib"],
-                "losses": r["losses"]}
+    def summary(runs: list[dict]) -> dict:
+        step = statistics.median(t for r in runs for t in r["times"])
+        cuda = [r["cuda_peak_mib"] for r in runs if r["cuda_peak_mib"] is not None]
+        return {"steps_per_s": 1 / step, "step_s": step,
+                "peak_rss_mib": statistics.median(r["rss_peak_mib"] for r in runs),
+                "train_rss_mib": statistics.median(r["rss_peak_mib"] - r["rss_before_mib"] for r in runs),
+                "cuda_peak_mib": statistics.median(cuda) if cuda else None, "losses": runs[0]["losses"]}
 
     ours, ref = summary(results["ours"]), summary(results["reference"])
     parity = max(abs(a - b) / max(abs(b), 1e-12) for a, b in zip(ours["losses"], ref["losses"]))
     report = {"config": {k: getattr(args, k) for k in ("variant", "layers", "heads", "frames", "height", "width",
-                                                         "batch_size", "rank", "steps", "device")},
+                                                         "batch_size", "rank", "steps", "rounds", "device")},
               "gradient_checkpointing": not args.no_gradient_checkpointing, "ours": ours, "reference": ref,
               "steps_per_s_ratio": ours["steps_per_s"] / ref["steps_per_s"],
               "peak_rss_ratio": ours["peak_rss_mib"] / ref["peak_rss_mib"],

@@ -161,7 +161,7 @@ def run(args) -> int:
 
         dataset = prep(args.data)
         val_dataset = prep(args.val_data) if args.val_data else None
-        del vae, text_encoder
+        vae = text_encoder = None  # no longer needed: training reads the cache
         if cuda:
             torch.cuda.empty_cache()
         if main:

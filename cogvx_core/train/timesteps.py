@@ -29,7 +29,7 @@ CYCLE = 1024  # steps per rotation of the low-discrepancy sequence
 
 def van_der_corput(k: int, bits: int = 10) -> float:
     """The base-2 radical inverse of k < 2^bits: 0, 1/2, 1/4, 3/4, 1/8, 5/8, ..."""
-    out, scale = 0, 1
+    out = 0
     for _ in range(bits):
         out = (out << 1) | (k & 1)
         k >>= 1
