@@ -26,7 +26,8 @@ def data(tmp_path_factory):
 def _train(folder, data, out, *extra):
     return main(["train", "--model", str(folder), "--data", str(data), "--out", str(out), "--rank", "4",
                  "--alpha", "8", "--frames", "9", "--height", "32", "--width", "48", "--batch-size", "2", "--seed", "3",
-                 "--device", "cpu", "--no-estimate", *extra])
+                 "--device", "cpu", *(() if "--estimate" in extra else ("--no-estimate",)),
+                 *(e for e in extra if e != "--estimate")])
 
 
 def _tensors(path):
@@ -68,7 +69,8 @@ def test_trained_lora_gives_the_same_frames_in_the_reference(model_folder, data,
 def test_resume_continues_to_the_same_lora(model_folder, data, tmp_path, capsys):
     folder = model_folder("5b")
     straight = tmp_path / "straight.safetensors"
-    assert _train(folder, data, straight, "--steps", "6") == 0
+    assert _train(folder, data, straight, "--steps", "6", "--estimate") == 0
+    assert "estimate: peak memory" in capsys.readouterr().err
     ckpt = tmp_path / "ckpt"
     assert _train(folder, data, tmp_path / "half.safetensors", "--steps", "3", "--checkpoint-dir", str(ckpt),
                   "--save-every", "3") == 0

@@ -39,6 +39,7 @@ def test_torchrun_two_gloo_processes_equal_gradient_averaging(model_folder, tmp_
                          env=env, capture_output=True, text=True, timeout=600, cwd=str(tmp_path))
     assert run.returncode == 0, run.stderr[-3000:]
     assert run.stderr.count("train [") >= 1 and "5 clips" in run.stderr  # rank 0 reports, once
+    assert len(list((data / ".cogvx_cache" / "latents").glob("*/*.safetensors"))) == 5  # both shards were encoded
 
     # one process doing what the two ranks do: rank r's batch and timesteps, gradients averaged
     transformer, vae, text = load_parts(folder)
