@@ -18,6 +18,7 @@ COMMANDS = {
     "generate": "generate",
     "bench": "bench",
     "upsample": "upsample",
+    "synth": "synth",
     "train": "train",
     "bench-train": "bench_train",
 }

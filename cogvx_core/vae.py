@@ -9,6 +9,7 @@ See the reference notes: cogvideox-spec.md section 3.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Callable
 
@@ -18,7 +19,7 @@ from torch import nn
 from .errors import CogVXError
 from .modules.causal_conv import CausalConv3d, FrameCache
 from .modules.vae_blocks import (
-    DownBlock3D, MidBlock3D, SpatialNorm3D, UpBlock3D, compressed_frames, expanded_frames, silu)
+    DownBlock3D, MidBlock3D, SpatialNorm3D, UpBlock3D, compressed_frames, expanded_frames, silu, take)
 from .variants import VAE_DEFAULTS
 
 Progress = Callable[[int, int], None]
@@ -45,11 +46,10 @@ class Encoder3D(nn.Module):
 
     def forward(self, x: torch.Tensor, cache: FrameCache) -> torch.Tensor:
         # (B, 3, T, H, W) -> (B, 2*latent, t, H/8, W/8): mean and logvar
-        h = self.conv_in(x, cache)
+        h = [self.conv_in(x, cache)]  # handed from layer to layer (see vae_blocks.take)
         for block in self.down_blocks:
-            h = block(h, cache)
-        h = self.mid_block(h, None, cache)
-        h = silu(self.norm_out(h))
+            h = [block(h, cache)]
+        h = silu(self.norm_out(self.mid_block(h, None, cache)))
         h = self.conv_out.pad(h, cache)
         return self.conv_out.conv(h)
 
@@ -73,11 +73,11 @@ class Decoder3D(nn.Module):
 
     def forward(self, z: torch.Tensor, cache: FrameCache) -> torch.Tensor:
         # (B, latent, t, h, w) -> (B, 3, T, 8h, 8w); z is also the spatial norms' condition
-        h = self.conv_in(z, cache)
-        h = self.mid_block(h, z, cache)
+        h = [self.conv_in(z, cache)]  # handed from layer to layer (see vae_blocks.take)
+        h = [self.mid_block(h, z, cache)]
         for block in self.up_blocks:
-            h = block(h, z, cache)
-        h = silu(self.norm_out(h, z))
+            h = [block(h, z, cache)]
+        h = silu(self.norm_out(take(h), z))
         h = self.conv_out.pad(h, cache)
         return self.conv_out.conv(h)
 
@@ -196,6 +196,13 @@ class CausalVAE(nn.Module):
             size //= 2  # Conv2d(k3, s2) after one row/column of zero padding
         return size
 
+    def _autograd(self, x: torch.Tensor):
+        """no_grad unless a graph could really be recorded (the input or a weight requires grad): the in-place,
+        memory-saving path then runs even for callers that did not switch autograd off."""
+        if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters())):
+            return contextlib.nullcontext()
+        return torch.no_grad()
+
     # ---------------------------------------------------------------- checks
 
     def _check_pixels(self, pixels: torch.Tensor) -> None:
@@ -204,6 +211,9 @@ class CausalVAE(nn.Module):
             hint = " (a single image batch (B, C, H, W) needs .unsqueeze(2))" if getattr(pixels, "ndim", 0) == 4 else ""
             raise CogVXError(f"VAE encode expects a video tensor (B, C, T, H, W); got {shape}{hint}.")
         bsz, channels, frames, height, width = pixels.shape
+        if not pixels.is_floating_point():
+            raise CogVXError(f"VAE encode expects float pixels in [-1, 1]; got {pixels.dtype}. Convert with "
+                             "x.float() / 127.5 - 1 for 8-bit images.")
         if channels != self.config["in_channels"]:
             raise CogVXError(f"VAE encode expects {self.config['in_channels']} channels in dim 1 of (B, C, T, H, W); "
                              f"got {channels} (shape {tuple(pixels.shape)}). Put channels before frames.")
@@ -239,9 +249,17 @@ class CausalVAE(nn.Module):
             return None
         sample_h = min_h or self.config["sample_height"] // 2
         sample_w = min_w or self.config["sample_width"] // 2
-        return dict(sample_h=sample_h, sample_w=sample_w,
-                    latent_h=int(sample_h / self.spatial_factor), latent_w=int(sample_w / self.spatial_factor),
-                    overlap_h=overlap_h or 1 / 6, overlap_w=overlap_w or 1 / 5)
+        s = dict(sample_h=sample_h, sample_w=sample_w,
+                 latent_h=int(sample_h / self.spatial_factor), latent_w=int(sample_w / self.spatial_factor),
+                 overlap_h=overlap_h or 1 / 6, overlap_w=overlap_w or 1 / 5)
+        for axis in ("h", "w"):
+            overlap, latent = s[f"overlap_{axis}"], s[f"latent_{axis}"]
+            if not 0 < overlap < 1 or int(latent * (1 - overlap)) < 1:
+                raise CogVXError(
+                    f"VAE tiling: tiles of {s[f'sample_{axis}']} pixels with overlap {overlap} leave no stride along "
+                    f"{'height' if axis == 'h' else 'width'}. Use tiles of at least {2 * self.spatial_factor} "
+                    "pixels and overlap factors between 0 and 1 (the defaults are 1/6 and 1/5).")
+        return s
 
     # ---------------------------------------------------------------- encode
 
@@ -255,12 +273,13 @@ class CausalVAE(nn.Module):
         tiling = self._tiling(tiled, tile_sample_min_height, tile_sample_min_width,
                               tile_overlap_factor_height, tile_overlap_factor_width)
         height, width = pixels.shape[-2:]
-        if tiling and (width > tiling["sample_w"] or height > tiling["sample_h"]):
-            h = self._tiled_encode(pixels, tiling, progress)
-        else:
-            h = self._encode_frames(pixels, _Steps(1, len(frame_chunks(pixels.shape[2], SAMPLE_FRAMES_PER_CHUNK)),
-                                                   progress))
-        return DiagonalGaussian(h)
+        with self._autograd(pixels):
+            if tiling and (width > tiling["sample_w"] or height > tiling["sample_h"]):
+                h = self._tiled_encode(pixels, tiling, progress)
+            else:
+                chunks = len(frame_chunks(pixels.shape[2], SAMPLE_FRAMES_PER_CHUNK))
+                h = self._encode_frames(pixels, _Steps(1, chunks, progress))
+            return DiagonalGaussian(h)
 
     def encode(self, pixels: torch.Tensor, **kwargs) -> torch.Tensor:
         """pixels (B, 3, 4k+1, H, W) in [-1, 1] -> posterior mean (B, latent, k+1, H/8, W/8), unscaled."""
@@ -306,9 +325,10 @@ class CausalVAE(nn.Module):
         tiling = self._tiling(tiled, tile_sample_min_height, tile_sample_min_width,
                               tile_overlap_factor_height, tile_overlap_factor_width)
         height, width = z.shape[-2:]
-        if tiling and (width > tiling["latent_w"] or height > tiling["latent_h"]):
-            return self._tiled_decode(z, tiling, progress)
-        return self._decode_frames(z, _Steps(1, len(frame_chunks(z.shape[2], LATENT_FRAMES_PER_CHUNK)), progress))
+        with self._autograd(z):
+            if tiling and (width > tiling["latent_w"] or height > tiling["latent_h"]):
+                return self._tiled_decode(z, tiling, progress)
+            return self._decode_frames(z, _Steps(1, len(frame_chunks(z.shape[2], LATENT_FRAMES_PER_CHUNK)), progress))
 
     def _decode_frames(self, z: torch.Tensor, steps: "_Steps") -> torch.Tensor:
         """The chunk loop: (B, latent, t, h, w) -> (B, 3, T, 8h, 8w), written into one preallocated tensor."""

@@ -2,12 +2,13 @@
 down/mid/up blocks built from them.
 
 Attribute names give exactly the diffusers `AutoencoderKLCogVideoX` state-dict keys. Numerics follow diffusers
-0.42.1 op for op; where autograd is off, activations are updated in place and the unpadded input of each causal conv
-is released before the conv runs, so decode needs about half the reference's peak memory for the same result.
+0.42.1 op for op (same ops on same shapes, so the results are bit-identical). Memory is kept low without changing a
+number: where autograd is off, activations are updated in place; the unpadded input of each causal conv is released
+before the conv runs; and activations are handed from layer to layer in a one-element list (see `take`), so a layer
+can free its input as soon as it no longer needs it instead of when the caller's variable is reassigned.
 """
 
 from __future__ import annotations
-
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +24,17 @@ def _inplace() -> bool:
 
 def silu(x: torch.Tensor) -> torch.Tensor:
     return F.silu(x, inplace=_inplace())
+
+
+# An activation is a tensor, or a one-element list holding it: a handoff. The caller keeps no other reference, so
+# the callee, which pops it, holds the only one and can drop it early (`del`) instead of keeping it alive until the
+# caller's variable is reassigned. At full resolution each such tensor is hundreds of MB to GBs.
+Activation = torch.Tensor | list
+
+
+def take(x: Activation) -> torch.Tensor:
+    """The tensor of an activation; a handoff list is emptied."""
+    return x.pop() if isinstance(x, list) else x
 
 
 class SpatialNorm3D(nn.Module):
@@ -77,15 +89,20 @@ class ResnetBlock3D(nn.Module):
     def _norm(self, norm: nn.Module, x: torch.Tensor, zq: torch.Tensor | None) -> torch.Tensor:
         return norm(x) if zq is None else norm(x, zq)
 
-    def forward(self, x: torch.Tensor, zq: torch.Tensor | None, cache: FrameCache) -> torch.Tensor:
+    def forward(self, x: Activation, zq: torch.Tensor | None, cache: FrameCache) -> torch.Tensor:
         # x: (B, C_in, T, H, W) -> (B, C_out, T, H, W)
+        x = take(x)
         h = silu(self._norm(self.norm1, x, zq))
+        if self.conv_shortcut is None:
+            shortcut = x
+        else:  # the input is not needed after this, so a handed-off input is freed before the big convs
+            shortcut = self.conv_shortcut(x)
+        del x
         h = self.conv1.pad(h, cache)  # (B, C_in, 2 + T, H, W); the unpadded activation is freed here
         h = self.conv1.conv(h)
         h = silu(self._norm(self.norm2, h, zq))
         h = self.conv2.pad(h, cache)
         h = self.conv2.conv(h)
-        shortcut = x if self.conv_shortcut is None else self.conv_shortcut(x)
         return h.add_(shortcut) if _inplace() else h + shortcut
 
 
@@ -107,7 +124,8 @@ class Downsample3D(nn.Module):
         self.conv = nn.Conv2d(in_channels, out_channels, kernel_size=3, stride=2, padding=0)
         self.compress_time = compress_time
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: Activation) -> torch.Tensor:
+        x = take(x)
         bsz, c, frames, height, width = x.shape
         t_out = compressed_frames(frames) if self.compress_time else frames
         # The conv's input, padded right/bottom with zeros, built directly in the (B*T, C, H+1, W+1) layout it needs.
@@ -124,8 +142,9 @@ class Downsample3D(nn.Module):
             pairs = dst[:, :, odd:]
             # (a + b) / 2 of each frame pair, the value avg_pool1d(k=2, s=2) gives in every dtype.
             pairs.copy_(x[:, :, odd::2]).add_(x[:, :, odd + 1::2]).mul_(0.5)
+        del x, dst
         out = self.conv(frames_in.view(bsz * t_out, c, height + 1, width + 1))  # (B*T', C_out, H', W')
-        del frames_in, dst
+        del frames_in
         return out.view(bsz, t_out, *out.shape[1:]).transpose(1, 2).contiguous()
 
 
@@ -138,7 +157,8 @@ class Upsample3D(nn.Module):
         self.conv = nn.Conv2d(in_channels, out_channels, kernel_size=3, stride=1, padding=1)
         self.compress_time = compress_time
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: Activation) -> torch.Tensor:
+        x = take(x)
         bsz, c, frames, height, width = x.shape
         frame_index = torch.arange(frames, device=x.device)
         if self.compress_time and frames > 1:
@@ -148,8 +168,11 @@ class Upsample3D(nn.Module):
         t_out = frame_index.numel()
         # (B, C, T, H, W) -> (B*T', C, H, W) at input resolution, then nearest 2x: the exact values the reference gets.
         small = x.transpose(1, 2)[:, frame_index].reshape(bsz * t_out, c, height, width)
-        out = self.conv(F.interpolate(small, scale_factor=2.0))  # (B*T', C_out, 2H, 2W)
+        del x
+        big = F.interpolate(small, scale_factor=2.0)  # (B*T', C, 2H, 2W)
         del small
+        out = self.conv(big)  # (B*T', C_out, 2H, 2W)
+        del big
         return out.view(bsz, t_out, *out.shape[1:]).transpose(1, 2).contiguous()
 
 
@@ -162,12 +185,12 @@ class DownBlock3D(nn.Module):
         self.downsamplers = (nn.ModuleList([Downsample3D(out_channels, out_channels, compress_time)])
                              if add_downsample else None)
 
-    def forward(self, h: torch.Tensor, cache: FrameCache) -> torch.Tensor:
+    def forward(self, h: Activation, cache: FrameCache) -> torch.Tensor:
         for resnet in self.resnets:
-            h = resnet(h, None, cache)
+            h = [resnet(h, None, cache)]
         if self.downsamplers is not None:
-            h = self.downsamplers[0](h)
-        return h
+            h = [self.downsamplers[0](h)]
+        return take(h)
 
 
 class MidBlock3D(nn.Module):
@@ -177,10 +200,10 @@ class MidBlock3D(nn.Module):
         self.resnets = nn.ModuleList([ResnetBlock3D(channels, channels, groups, eps, spatial_norm_dim)
                                       for _ in range(num_layers)])
 
-    def forward(self, h: torch.Tensor, zq: torch.Tensor | None, cache: FrameCache) -> torch.Tensor:
+    def forward(self, h: Activation, zq: torch.Tensor | None, cache: FrameCache) -> torch.Tensor:
         for resnet in self.resnets:
-            h = resnet(h, zq, cache)
-        return h
+            h = [resnet(h, zq, cache)]
+        return take(h)
 
 
 class UpBlock3D(nn.Module):
@@ -193,9 +216,9 @@ class UpBlock3D(nn.Module):
         self.upsamplers = (nn.ModuleList([Upsample3D(out_channels, out_channels, compress_time)])
                            if add_upsample else None)
 
-    def forward(self, h: torch.Tensor, zq: torch.Tensor, cache: FrameCache) -> torch.Tensor:
+    def forward(self, h: Activation, zq: torch.Tensor, cache: FrameCache) -> torch.Tensor:
         for resnet in self.resnets:
-            h = resnet(h, zq, cache)
+            h = [resnet(h, zq, cache)]
         if self.upsamplers is not None:
-            h = self.upsamplers[0](h)
-        return h
+            h = [self.upsamplers[0](h)]
+        return take(h)

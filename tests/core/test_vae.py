@@ -127,6 +127,18 @@ def test_decode_with_autograd_on_and_batch_of_two_matches(pair):
     assert rel_l2(got.detach(), expected) <= TOL
 
 
+def test_half_precision_matches_diffusers(pair):
+    """bf16 (the 5b/1.5 pipelines' dtype): same ops in the same order, so the same rounding."""
+    import copy
+
+    ours, reference = (copy.deepcopy(m).to(torch.bfloat16) for m in pair[:2])
+    x = _pixels(1, 3, 9, 16, 24, seed=12).to(torch.bfloat16)
+    z = _latents(1, 4, 3, 3, 5, seed=13).to(torch.bfloat16)
+    with torch.no_grad():
+        assert rel_l2(ours.encode(x), reference.encode(x).latent_dist.mean) <= TOL
+        assert rel_l2(ours.decode(z), reference.decode(z).sample) <= TOL
+
+
 # ---------------------------------------------------------------------------------------------------- tiling
 
 _TILE_ATTRS = ("tile_sample_min_height", "tile_sample_min_width", "tile_latent_min_height", "tile_latent_min_width",
@@ -268,6 +280,7 @@ def test_load_diffusers_folder_model_root_and_shards(pair, tmp_path):
         assert vae.scaling_factor == 0.7 and vae.config["norm_num_groups"] == 4
         assert all(p.device.type == "cpu" for p in vae.parameters())
         assert _decode_parity(vae, reference, z) <= TOL
+    assert not vae.decode(z).requires_grad  # frozen weights: no graph even with autograd on
 
 
 def test_load_in_another_dtype_converts_every_tensor(pair, tmp_path):
@@ -353,3 +366,11 @@ def test_load_errors_name_the_problem_and_the_fix(pair, tmp_path):
         load_vae(tmp_path / "partial.safetensors")
     with pytest.raises(CheckpointError, match="no such file"):
         load_vae(tmp_path / "nothing.safetensors")
+
+
+def test_tiling_settings_without_a_stride_are_refused(pair):
+    ours, _, _ = pair
+    with pytest.raises(CogVXError, match="stride"):
+        ours.decode(_latents(1, 4, 1, 8, 8), tile_sample_min_height=8, tile_sample_min_width=32)
+    with pytest.raises(CogVXError, match="overlap"):
+        ours.decode(_latents(1, 4, 1, 8, 8), tile_overlap_factor_width=1.5)
