@@ -254,3 +254,19 @@ def test_lr_schedules():
     assert [Trainer.lr_at(fake, k) for k in (0, 9)] == [2.0, 2.0]
     with pytest.raises(CogVXError, match="lr schedule"):
         TrainSettings(lr_schedule="linear").check()
+
+
+def test_refuses_image_to_video_models_and_datasets_of_another_variant(setup):
+    from builders import small_transformer_config
+    from cogvx_core.transformer import build_transformer
+
+    folder, data, cache, parts = setup
+    _, ds = small_dataset(folder, data, frames=(9, 5, 9, 1), cache_dir=cache, parts=parts)
+    i2v = build_transformer(small_transformer_config("5b-i2v"), device="cpu")
+    with pytest.raises(CogVXError, match="image-to-video model; CogVX trains text-to-video models only"):
+        Trainer(i2v, ds, TrainSettings(steps=1))
+    other = build_transformer(small_transformer_config("2b"), device="cpu")
+    with pytest.raises(CogVXError, match="prepared for CogVideoX 5b but the model is CogVideoX-2b"):
+        Trainer(other, ds, TrainSettings(steps=1))
+    with pytest.raises(CogVXError, match="LoRA rank must be at least 1"):
+        TrainSettings(rank=0).check()
