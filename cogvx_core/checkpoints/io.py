@@ -120,7 +120,10 @@ def fill_module(module: torch.nn.Module, tensors: Iterable[tuple[str, torch.Tens
             raise CheckpointError(
                 f"{source}: tensor {name} has shape {tuple(value.shape)} but this model needs {tuple(ref.shape)}; "
                 "the file belongs to another model or variant.")
-        set_tensor(module, name, value.to(device=device, dtype=dtype_for(name, value)))
+        out = value.to(device=device, dtype=dtype_for(name, value))
+        if out.data_ptr() == value.data_ptr():  # still the file's read-only mmap: own the memory, so that in-place
+            out = out.clone()                   # updates (training, LoRA fusing) work and the file may change
+        set_tensor(module, name, out)
         seen.add(name)
     missing = [k for k in expected if k not in seen]
     if missing and strict:

@@ -29,6 +29,7 @@ def add_arguments(p) -> None:
     p.add_argument("--dtype", choices=list(DTYPES), default="float32")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--vae-latents", default="1,16,5,16,24", help="B,C,t,h,w of the latents the VAE decodes")
     p.add_argument("--only", choices=["transformer", "vae"], help="run one of the two benchmarks")
 
 
@@ -129,10 +130,14 @@ def run(args) -> int:
                f"ratio {r['memory_ratio']:.3f}x" if "memory_ratio" in r else "") +
               f"; output rel. L2 difference {r['rel_l2']:.1e}")
     if args.only in (None, "vae"):
-        try:
-            from .bench_vae import run_vae_bench
-        except ImportError:
-            print("VAE benchmark: not available yet")
-        else:
-            run_vae_bench(args)
+        from ..variants import VAE_DEFAULTS
+        from .bench_vae import bench_vae
+
+        shape = tuple(int(n) for n in args.vae_latents.split(","))
+        r = bench_vae(dict(VAE_DEFAULTS), shape, dtype=DTYPES[args.dtype], device=args.device, repeats=args.repeats)
+        print(f"VAE decode (released VAE, latents {shape} -> frames {tuple(r['output_shape'])}): "
+              f"ours {r['ours_time_s'] * 1000:.0f} ms, reference {r['reference_time_s'] * 1000:.0f} ms, ratio "
+              f"{r['time_ratio']:.3f}x; peak memory ours {r['ours_peak_bytes'] / 2**20:.0f} MiB, reference "
+              f"{r['reference_peak_bytes'] / 2**20:.0f} MiB, ratio {r['memory_ratio']:.3f}x "
+              f"[{r['memory_method']}]; output rel. L2 difference {r['relative_l2_difference']:.1e}")
     return 0
