@@ -280,6 +280,11 @@ class CogVXTrainLora:
             drop_session(node)
             session = None
         if session is None:
+            for other, held in list(_SESSIONS.items()):  # one trainer per model: another node's session ends
+                if held.trainer.transformer is model.transformer:
+                    log.warning("CogVXTrainLora: node %s now trains this model; the session of node %s ends", node,
+                                other)
+                    drop_session(other)
             _load(model)
             trainer = Trainer(model.transformer, dataset, settings, schedule=getattr(model, "schedule", None),
                               scaling_factor=getattr(model, "scaling_factor", None),
