@@ -19,6 +19,8 @@ COMMANDS = {
     "bench": "bench",
     "upsample": "upsample",
     "synth": "synth",
+    "train": "train",
+    "bench-train": "bench_train",
 }
 
 

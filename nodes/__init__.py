@@ -3,7 +3,7 @@
 Node ids are permanent (saved workflows refer to them): never rename one; add a new input with a default instead.
 """
 
-from . import caption, conditioning, decode, loaders, lora, sampling
+from . import caption, conditioning, decode, loaders, lora, sampling, training
 
 NODES = {  # id: (class, display name)
     "CogVXModelLoader": (loaders.CogVXModelLoader, "CogVX Model Loader"),
@@ -18,6 +18,10 @@ NODES = {  # id: (class, display name)
     "CogVXDecode": (decode.CogVXDecode, "CogVX Decode"),
     "CogVXLLMLoader": (caption.CogVXLLMLoader, "CogVX LLM Loader"),
     "CogVXCaptionUpsample": (caption.CogVXCaptionUpsample, "CogVX Caption Upsample"),
+    "CogVXDataset": (training.CogVXDataset, "CogVX Training Dataset"),
+    "CogVXTrainLora": (training.CogVXTrainLora, "CogVX Train LoRA"),
+    "CogVXSaveLora": (training.CogVXSaveLora, "CogVX Save LoRA"),
+    "CogVXLossPlot": (training.CogVXLossPlot, "CogVX Loss Plot"),
 }
 
 NODE_CLASS_MAPPINGS: dict = {key: cls for key, (cls, _) in NODES.items()}

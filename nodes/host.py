@@ -64,6 +64,25 @@ def _roots(folder: str) -> list[Path]:
     return [models_root() / MODEL_FOLDERS.get(folder, (folder, set()))[0]]
 
 
+def save_folder(folder: str) -> Path:
+    """Where new files of a model kind are written (its first root, e.g. models/loras), created if needed."""
+    root = _roots(folder)[0]
+    root.mkdir(parents=True, exist_ok=True)
+    return root
+
+
+def send(event: str, data: dict) -> None:
+    """A message to the browser for live displays (PromptServer.send_sync); a no-op outside ComfyUI."""
+    if not IN_COMFY:
+        return
+    try:
+        from server import PromptServer  # type: ignore
+
+        PromptServer.instance.send_sync(event, data)
+    except Exception:  # a display message must never fail a run
+        pass
+
+
 def list_models(folder: str) -> list[str]:
     """Files (or, for folder-type model kinds, sub-folders) a loader node may offer."""
     exts = MODEL_FOLDERS.get(folder, (folder, {".safetensors"}))[1]
