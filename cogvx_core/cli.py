@@ -19,6 +19,8 @@ COMMANDS = {
     "bench": "bench",
     "upsample": "upsample",
     "synth": "synth",
+    "eval": "eval",
+    "recipe": "recipe",
     "train": "train",
     "bench-train": "bench_train",
 }

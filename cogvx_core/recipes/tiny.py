@@ -1,0 +1,454 @@
+"""The recipe of the built-in model `cogvx-tiny`: a small CogVideoX of the released architecture, trained by this
+project's own code on synthetic clips (cogvx_core/synthetic.py), in one seeded command:
+
+    python -m cogvx_core recipe tiny --out cogvx_core/models/cogvx-tiny [--work DIR]
+
+Stages (each one's output is kept in the work folder, so a re-run continues after the last finished stage):
+  1. data         train clips (the training caption combinations) and held-out clips (combinations never trained),
+                  64x64, 9 frames (3 latent frames), written as PNG frame folders with captions
+  2. text         a sentencepiece tokenizer trained on every caption word (the spare colour "purple" included, which
+                  no training clip shows: the word a LoRA can teach later) and a small random T5 v1.1 encoder; it is
+                  frozen, as CogVideoX keeps T5 frozen (distinct captions are already far apart: see `caption_spread`)
+  3. vae          the 3D causal VAE of the released architecture with narrow widths, trained by train/vae.py on L1 +
+                  MSE + a small KL (no GAN by default); its latent scale (1 / std of the latents) goes into its config
+  4. transformer  the expert transformer, 5b-style (3D RoPE), trained from scratch by the project's trainer
+                  (train/trainer.py, full fine-tuning mode) on the VAE latents and T5 embeddings it caches; a share of
+                  the clips is also trained with the empty caption, so classifier-free guidance has an unconditional
+                  branch to push away from
+  5. package      a diffusers-format folder: model_index.json, transformer/, vae/, text_encoder/, tokenizer/,
+                  scheduler/ (the 5b DDIM scheduler config), plus cogvx_recipe.json (settings, timings, VAE PSNR)
+
+Every random draw comes from a seed in `TinyRecipe` (data, initial weights, batches, noise, timesteps). Wall time and
+process CPU time of each stage are recorded, so the cost on a dedicated machine can be told from a shared one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import logging
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from ..errors import CogVXError
+from ..synthetic import COLOUR_NAMES, SPARE_COLOUR_NAMES, all_combos, caption, dataset_clips, make_dataset, render
+
+log = logging.getLogger(__name__)
+
+DIFFUSERS_VERSION = "0.42.1"
+
+# The 5b scheduler (spec 1.3): v-prediction, zero terminal SNR, trailing spacing, SNR shift 1.
+SCHEDULER_CONFIG = {
+    "_class_name": "CogVideoXDDIMScheduler", "_diffusers_version": DIFFUSERS_VERSION, "beta_end": 0.012,
+    "beta_schedule": "scaled_linear", "beta_start": 0.00085, "clip_sample": False, "clip_sample_range": 1.0,
+    "num_train_timesteps": 1000, "prediction_type": "v_prediction", "rescale_betas_zero_snr": True,
+    "sample_max_value": 1.0, "set_alpha_to_one": True, "snr_shift_scale": 1.0, "steps_offset": 0,
+    "thresholding": False, "timestep_spacing": "trailing", "trained_betas": None,
+}
+MODEL_INDEX = {
+    "_class_name": "CogVideoXPipeline", "_diffusers_version": DIFFUSERS_VERSION,
+    "scheduler": ["diffusers", "CogVideoXDDIMScheduler"], "text_encoder": ["transformers", "T5EncoderModel"],
+    "tokenizer": ["transformers", "T5Tokenizer"], "transformer": ["diffusers", "CogVideoXTransformer3DModel"],
+    "vae": ["diffusers", "AutoencoderKLCogVideoX"],
+}
+
+
+@dataclass
+class TinyRecipe:
+    """Every setting of the recipe. `TinyRecipe()` is the shipped model; `TinyRecipe.smoke()` a seconds-long run."""
+
+    seed: int = 0
+    frames: int = 9
+    height: int = 64
+    width: int = 64
+    train_clips: int = 1260  # 6 clips of each of the 210 training caption combinations
+    heldout_clips: int = 54  # one per held-out combination (VAE PSNR and flicker)
+    # text encoder (T5 v1.1 layout, random and frozen)
+    t5: dict = field(default_factory=lambda: dict(d_model=64, d_kv=32, d_ff=128, num_layers=2, num_heads=2,
+                                                  relative_attention_num_buckets=16,
+                                                  relative_attention_max_distance=32))
+    text_length: int = 16  # tokens per prompt (the longest caption is 12 with EOS)
+    # VAE (AutoencoderKLCogVideoX, narrow)
+    vae: dict = field(default_factory=lambda: dict(block_out_channels=[16, 16, 32, 32], layers_per_block=1,
+                                                   norm_num_groups=8, latent_channels=16))
+    vae_clips: int = 1260  # the first vae_clips training clips (the same clips the transformer learns from)
+    vae_train: dict = field(default_factory=lambda: dict(steps=3000, batch_size=4, learning_rate=1e-3,
+                                                         warmup_steps=100, crop=32, crop_steps=2400,
+                                                         kl_weight=1e-6, mixed_precision="bf16"))
+    # transformer (CogVideoXTransformer3DModel, 5b-style: 3D RoPE, no learned positions)
+    transformer: dict = field(default_factory=lambda: dict(num_attention_heads=3, attention_head_dim=64,
+                                                           num_layers=4, time_embed_dim=128))
+    transformer_train: dict = field(default_factory=lambda: dict(steps=4000, batch_size=16, learning_rate=1e-3,
+                                                                 lr_schedule="cosine", warmup_steps=100,
+                                                                 weight_decay=0.0, max_grad_norm=1.0,
+                                                                 mixed_precision="no",
+                                                                 gradient_checkpointing=False,
+                                                                 timestep_sampling="explicit"))
+    empty_caption_share: float = 0.1  # extra entries trained with the empty caption (the CFG unconditional branch)
+    dtype: str = "float32"  # weights as shipped
+
+    @classmethod
+    def smoke(cls) -> "TinyRecipe":
+        """The same stages at a toy scale (tests): a few clips, a few steps, the smallest widths."""
+        return cls(train_clips=24, heldout_clips=4, vae_clips=24,
+                   vae=dict(block_out_channels=[16, 16, 16, 16], layers_per_block=1, norm_num_groups=8,
+                            latent_channels=16),
+                   vae_train=dict(steps=3, batch_size=2, learning_rate=1e-3, warmup_steps=1, crop=32, crop_steps=2,
+                                  kl_weight=1e-6, mixed_precision="no"),
+                   transformer=dict(num_attention_heads=1, attention_head_dim=64, num_layers=1, time_embed_dim=32),
+                   transformer_train=dict(steps=3, batch_size=4, learning_rate=1e-3, warmup_steps=1,
+                                          mixed_precision="no", gradient_checkpointing=False),
+                   empty_caption_share=0.25)
+
+    def transformer_config(self) -> dict:
+        from ..variants import VARIANTS
+
+        return VARIANTS["5b"].transformer_config(
+            **self.transformer, text_embed_dim=self.t5["d_model"], max_text_seq_length=self.text_length,
+            sample_height=self.height // 8, sample_width=self.width // 8, sample_frames=self.frames)
+
+    def vae_config(self) -> dict:
+        return {"_class_name": "AutoencoderKLCogVideoX", "_diffusers_version": DIFFUSERS_VERSION,
+                **self.vae, "sample_height": self.height, "sample_width": self.width}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Bookkeeping
+# ---------------------------------------------------------------------------------------------------------------
+class StageClock:
+    """Wall and process-CPU seconds of each stage (CPU time shows the cost apart from other load on the machine)."""
+
+    def __init__(self, say: Callable[[str], None]):
+        self.say, self.times = say, {}
+
+    def run(self, name: str, fn, *args, **kwargs):
+        wall, cpu = time.perf_counter(), time.process_time()
+        self.say(f"[{name}] ...")
+        result = fn(*args, **kwargs)
+        self.times[name] = {"wall_s": round(time.perf_counter() - wall, 1), "cpu_s": round(time.process_time() - cpu, 1)}
+        self.say(f"[{name}] done in {self.times[name]['wall_s']}s (cpu {self.times[name]['cpu_s']}s)")
+        return result
+
+
+def _say(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def _write_json(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    tmp.replace(path)
+
+
+def all_captions() -> list[str]:
+    """Every caption the synthetic vocabulary can form (spare colour included): the tokenizer's corpus."""
+    return [caption(c) for c in all_combos(COLOUR_NAMES + SPARE_COLOUR_NAMES)]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 1. data
+# ---------------------------------------------------------------------------------------------------------------
+def make_data(r: TinyRecipe, work: Path) -> dict[str, Path]:
+    folders = {"train": work / "data" / "train", "heldout": work / "data" / "heldout"}
+    counts = {"train": r.train_clips, "heldout": r.heldout_clips}
+    for split, folder in folders.items():
+        done = folder / "clips.jsonl"
+        if done.is_file() and len(done.read_text().splitlines()) == counts[split]:
+            continue
+        make_dataset(folder, counts[split], seed=r.seed, frames=r.frames, height=r.height, width=r.width,
+                     split=split)
+    return folders
+
+
+def render_clips(n: int, r: TinyRecipe, split: str) -> torch.Tensor:
+    """The first n clips of a split, rendered in memory as uint8 (n, T, H, W, 3) (the same clips make_data writes)."""
+    clips = dataset_clips(n, seed=r.seed, frames=r.frames, height=r.height, width=r.width, split=split)
+    return torch.stack([render(c).mul(255).round().to(torch.uint8) for c in clips])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 2. text: tokenizer and T5 encoder
+# ---------------------------------------------------------------------------------------------------------------
+def train_tokenizer(folder: Path, captions: list[str]) -> None:
+    """A sentencepiece word-level model of the caption vocabulary with T5's special ids (pad 0, EOS 1, unk 2), saved
+    in the diffusers layout: spiece.model (for T5Tokenizer) and tokenizer.json (read without sentencepiece)."""
+    import sentencepiece as spm
+    from transformers import T5Tokenizer
+
+    folder.mkdir(parents=True, exist_ok=True)
+    words = sorted({w for c in captions for w in c.split()})
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(captions), model_writer=model, model_type="word", vocab_size=len(words) + 3,
+        pad_id=0, eos_id=1, unk_id=2, bos_id=-1, character_coverage=1.0, num_threads=1, minloglevel=2)
+    (folder / "spiece.model").write_bytes(model.getvalue())
+    _write_json(folder / "tokenizer_config.json", {"tokenizer_class": "T5Tokenizer", "extra_ids": 0,
+                                                   "eos_token": "</s>", "unk_token": "<unk>", "pad_token": "<pad>",
+                                                   "model_max_length": 226})
+    # transformers converts the sentencepiece model; its tokenizer.json is then read without sentencepiece.
+    converted = folder / ".converted"
+    T5Tokenizer.from_pretrained(str(folder), local_files_only=True).save_pretrained(str(converted))
+    shutil.move(str(converted / "tokenizer.json"), str(folder / "tokenizer.json"))
+    shutil.rmtree(converted)
+
+
+def build_text_encoder(folder: Path, vocab_size: int, t5: dict, seed: int) -> None:
+    """A random T5 v1.1 encoder (gated GELU, relative attention) saved as text_encoder/ (config.json +
+    model.safetensors). transformers' own initialisation, seeded."""
+    from transformers import T5Config, T5EncoderModel
+
+    config = T5Config(vocab_size=vocab_size, feed_forward_proj="gated-gelu", dropout_rate=0.0,
+                      layer_norm_epsilon=1e-6, is_encoder_decoder=False, use_cache=False,
+                      tie_word_embeddings=False, **t5)
+    torch.manual_seed(seed)
+    model = T5EncoderModel(config).eval()
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(folder), safe_serialization=True)
+
+
+def caption_spread(text_encoder, captions: list[str]) -> dict:
+    """How far apart the encoder puts distinct captions: nearest-neighbour and median distance between the flattened
+    contexts (a frozen random encoder is usable when no two captions land close together)."""
+    with torch.no_grad():
+        ctx = text_encoder.encode(captions, dtype=torch.float32).flatten(1)  # (N, L*D)
+    d = torch.cdist(ctx, ctx)
+    d.fill_diagonal_(float("inf"))
+    nearest = d.min(dim=1).values
+    return {"captions": len(captions), "min_nearest": round(float(nearest.min()), 3),
+            "median_pair": round(float(d[d.isfinite()].median()), 3)}
+
+
+def make_text(r: TinyRecipe, work: Path) -> Path:
+    from ..text import load_text_encoder
+
+    folder = work / "text"
+    if not (folder / "text_encoder" / "model.safetensors").is_file():
+        captions = all_captions()
+        train_tokenizer(folder / "tokenizer", captions)
+        from ..checkpoints.t5 import load_t5_tokenizer
+
+        vocab = len(load_t5_tokenizer(folder / "tokenizer"))
+        build_text_encoder(folder / "text_encoder", vocab, r.t5, r.seed)
+    encoder = load_text_encoder(folder, max_length=r.text_length)
+    spread = caption_spread(encoder, [caption(c) for c in all_combos()])
+    if spread["min_nearest"] <= 0:
+        raise CogVXError("Two distinct captions give the same T5 context; the tokenizer or the encoder is broken.")
+    _write_json(folder / "spread.json", spread)
+    return folder
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 3. VAE
+# ---------------------------------------------------------------------------------------------------------------
+def latent_std(vae, clips: torch.Tensor, batch_size: int = 8) -> float:
+    """Standard deviation of the posterior means of `clips` (uint8 (N, T, H, W, 3)): scaling factor = 1 / this."""
+    from ..train.vae import to_model_input
+
+    means = []
+    with torch.no_grad():
+        for i in range(0, len(clips), batch_size):
+            means.append(vae.encode(to_model_input(clips[i:i + batch_size])).float())
+    return float(torch.cat(means).std())
+
+
+def save_vae(vae, folder: Path, config: dict, dtype: torch.dtype) -> None:
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.detach().to("cpu", dtype).contiguous() for k, v in vae.state_dict().items()},
+              str(folder / "diffusion_pytorch_model.safetensors"), metadata={"format": "pt"})
+    _write_json(folder / "config.json", config)
+
+
+def make_vae(r: TinyRecipe, work: Path, say=_say) -> Path:
+    from ..train.vae import VAETrainer, VAETrainSettings, reconstruction_psnr
+    from ..vae import build_vae
+
+    folder = work / "vae"
+    if (folder / "config.json").is_file():
+        return folder
+    config = r.vae_config()
+    torch.manual_seed(r.seed)
+    vae = build_vae(config, device="cpu")
+    clips = render_clips(r.vae_clips, r, "train")
+    heldout = render_clips(min(r.heldout_clips, 16), r, "heldout")
+    settings = VAETrainSettings(seed=r.seed, save_every=250, **r.vae_train)
+    trainer = VAETrainer(vae, clips, settings, checkpoint_dir=work / "vae_checkpoints")
+    start = trainer.resume() or 0
+    if start:
+        say(f"vae: resumed at step {start}")
+    every = max(1, settings.steps // 20)
+
+    def report(rec):
+        if rec["step"] % every == 0 or rec["step"] == settings.steps:
+            say(f"vae step {rec['step']}/{settings.steps} l1 {rec['l1']:.4f} mse {rec['mse']:.5f} kl {rec['kl']:.3f} "
+                f"{rec['seconds']:.2f}s/step")
+
+    trainer.run(on_step=report)
+    psnr = reconstruction_psnr(vae, heldout)
+    config["scaling_factor"] = round(1.0 / latent_std(vae, clips[:64]), 6)
+    save_vae(vae, folder, config, torch.float32)
+    _write_json(work / "vae_report.json", {"heldout_psnr_mean": sum(psnr) / len(psnr), "heldout_psnr": psnr,
+                                           "history_tail": trainer.history[-5:], "steps": trainer.step})
+    return folder
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 4. transformer
+# ---------------------------------------------------------------------------------------------------------------
+def init_transformer(config: dict, seed: int):
+    """A fresh transformer: torch's default initialisation, seeded, with every adaptive-norm modulation and the
+    output projection zeroed (adaLN-Zero: each block starts as the identity, which trains faster from scratch)."""
+    from ..transformer import build_transformer
+
+    torch.manual_seed(seed)
+    model = build_transformer(config, device="cpu", dtype=torch.float32)
+    with torch.no_grad():
+        for block in model.transformer_blocks:
+            for norm in (block.norm1, block.norm2):
+                norm.linear.weight.zero_()
+                norm.linear.bias.zero_()
+        model.norm_out.linear.weight.zero_()
+        model.norm_out.linear.bias.zero_()
+        model.proj_out.weight.zero_()
+        model.proj_out.bias.zero_()
+    return model
+
+
+def add_empty_captions(dataset, text_encoder, share: float):
+    """The dataset plus `share` of its clips again with the empty caption (entries whose text is the encoded "").
+    The trainer then learns the unconditional prediction that classifier-free guidance pushes away from."""
+    from ..train.cache import key_of, module_fingerprint
+
+    if share <= 0:
+        return dataset
+    key = key_of("text", {"caption": "", "encoder": module_fingerprint(text_encoder.model),
+                          "max_length": text_encoder.max_length})
+    if not dataset.cache.has("text", key):
+        dataset.cache.put("text", key, {"context": text_encoder.encode([""])[0]}, {"caption": ""})
+    every = max(1, round(1 / share))
+    extra = [dataclasses.replace(e, caption="", text_key=key) for e in dataset.entries[::every]]
+    return dataclasses.replace(dataset, entries=dataset.entries + extra)
+
+
+def prepare_training_data(r: TinyRecipe, data: Path, cache: Path, vae_folder: Path, text_folder: Path):
+    from ..checkpoints.vae import load_vae
+    from ..text import load_text_encoder
+    from ..train.buckets import make_buckets
+    from ..train.dataset import prepare_dataset
+    from ..variants import VARIANTS
+
+    vae = load_vae(vae_folder, dtype=torch.float32)
+    text_encoder = load_text_encoder(text_folder, max_length=r.text_length)
+    variant = VARIANTS["5b"]
+    buckets = make_buckets(variant, r.frames, r.height, r.width, frame_counts=[r.frames])
+    dataset = prepare_dataset(data, vae=vae, text_encoder=text_encoder, variant=variant, buckets=buckets,
+                              cache_dir=cache, fps=0)
+    return dataset, text_encoder, vae.scaling_factor
+
+
+def make_transformer(r: TinyRecipe, work: Path, folders: dict, vae_folder: Path, text_folder: Path,
+                     say=_say) -> Path:
+    from ..schedule import NoiseSchedule
+    from ..train.trainer import Trainer, TrainSettings
+
+    folder = work / "transformer"
+    if (folder / "config.json").is_file():
+        return folder
+    dataset, text_encoder, scaling_factor = prepare_training_data(r, folders["train"], work / "cache", vae_folder,
+                                                                  text_folder)
+    dataset = add_empty_captions(dataset, text_encoder, r.empty_caption_share)
+    config = r.transformer_config()
+    model = init_transformer(config, r.seed)
+    settings = TrainSettings(full_finetune=True, seed=r.seed, save_every=500, keep_checkpoints=1,
+                             **r.transformer_train)
+    trainer = Trainer(model, dataset, settings, schedule=NoiseSchedule.from_config(SCHEDULER_CONFIG),
+                      scaling_factor=scaling_factor, checkpoint_dir=work / "transformer_checkpoints")
+    start = trainer.resume()
+    if start:
+        say(f"transformer: resumed at step {start}")
+    every = max(1, settings.steps // 20)
+    window: list[float] = []
+
+    def report(rep):
+        window.append(rep.loss)
+        if rep.step % every == 0 or rep.step == settings.steps:
+            say(f"transformer step {rep.step}/{settings.steps} loss {sum(window) / len(window):.4f} "
+                f"lr {rep.lr:.2e} {rep.seconds:.3f}s/step")
+            window.clear()
+
+    trainer.run(on_step=report)
+    trainer.deactivate()
+    save_transformer(model, folder, config, torch.float32)
+    _write_json(work / "transformer_report.json", {"steps": trainer.step, "clips": len(dataset),
+                                                   "losses": trainer.losses})
+    return folder
+
+
+def save_transformer(model, folder: Path, config: dict, dtype: torch.dtype) -> None:
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().to("cpu", dtype).contiguous() for k, v in model.state_dict().items()
+             if ".lora_adapters." not in k}
+    save_file(state, str(folder / "diffusion_pytorch_model.safetensors"), metadata={"format": "pt"})
+    _write_json(folder / "config.json", {"_class_name": "CogVideoXTransformer3DModel",
+                                         "_diffusers_version": DIFFUSERS_VERSION, **config})
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 5. package
+# ---------------------------------------------------------------------------------------------------------------
+def package(out: Path, work: Path, r: TinyRecipe, times: dict) -> Path:
+    """Copies the parts into a fresh diffusers-format folder `out` (replaced atomically when it exists)."""
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    shutil.copytree(work / "transformer", tmp / "transformer")
+    shutil.copytree(work / "vae", tmp / "vae")
+    shutil.copytree(work / "text" / "text_encoder", tmp / "text_encoder")
+    shutil.copytree(work / "text" / "tokenizer", tmp / "tokenizer")
+    _write_json(tmp / "scheduler" / "scheduler_config.json", SCHEDULER_CONFIG)
+    _write_json(tmp / "model_index.json", MODEL_INDEX)
+    vae_report = json.loads((work / "vae_report.json").read_text())
+    _write_json(tmp / "cogvx_recipe.json", {
+        "recipe": "python -m cogvx_core recipe tiny", "settings": dataclasses.asdict(r), "times": times,
+        "vae_heldout_psnr": round(vae_report["heldout_psnr_mean"], 2),
+        "caption_spread": json.loads((work / "text" / "spread.json").read_text()),
+        "torch": torch.__version__})
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+    return out
+
+
+def folder_size(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+
+
+def build(out: str | Path, work: str | Path, recipe: TinyRecipe | None = None, say=_say) -> dict:
+    """Runs every stage; returns {"model": path, "times": per-stage seconds, "size_bytes": ...}."""
+    r = recipe or TinyRecipe()
+    out, work = Path(out), Path(work)
+    work.mkdir(parents=True, exist_ok=True)
+    clock = StageClock(say)
+    total_wall, total_cpu = time.perf_counter(), time.process_time()
+    folders = clock.run("data", make_data, r, work)
+    text = clock.run("text", make_text, r, work)
+    vae = clock.run("vae", make_vae, r, work, say)
+    clock.run("transformer", make_transformer, r, work, folders, vae, text, say)
+    times = dict(clock.times, total={"wall_s": round(time.perf_counter() - total_wall, 1),
+                                     "cpu_s": round(time.process_time() - total_cpu, 1),
+                                     "threads": torch.get_num_threads()})
+    model = package(out, work, r, times)
+    size = folder_size(model)
+    say(f"wrote {model} ({size / 1e6:.2f} MB) in {times['total']['wall_s']}s")
+    return {"model": str(model), "times": times, "size_bytes": size}
