@@ -38,6 +38,8 @@ MODEL_FOLDERS: dict[str, tuple[str, set[str]]] = {
     "text_encoders": ("text_encoders", {".safetensors"}),
     "loras": ("loras", {".safetensors"}),
     "LLM": ("LLM", set()),
+    "training_data": ("training_data", set()),  # one sub-folder of clips + captions per dataset
+    "training_checkpoints": ("training_checkpoints", set()),  # one sub-folder of resumable checkpoints per run
 }
 
 
@@ -69,6 +71,18 @@ def save_folder(folder: str) -> Path:
     root = _roots(folder)[0]
     root.mkdir(parents=True, exist_ok=True)
     return root
+
+
+def writable_folder(folder: str, name: str) -> Path:
+    """Sub-folder `name` of `folder`'s first root, created, for the pack to write into. A name that would leave the
+    root (absolute, `..`) is refused: graphs never write to arbitrary paths."""
+    root = save_folder(folder).resolve()
+    path = (root / name).resolve()
+    if not path.is_relative_to(root) or path == root:
+        raise ValueError(f"{name!r} is not a sub-folder name of the {folder} folder ({root}); use a plain name "
+                         "such as my_run.")
+    path.mkdir(parents=True, exist_ok=True)
+    return path
 
 
 def send(event: str, data: dict) -> None:

@@ -78,9 +78,10 @@ class CogVXDataset:
                 "model": ("COGVX_MODEL", {"tooltip": "The model to train: its variant sets the frame rules."}),
                 "vae": ("COGVX_VAE",),
                 "t5": ("COGVX_T5",),
-                "folder": ("STRING", {"default": "", "tooltip": "A folder of videos (mp4, webm, gif, mov), frame "
-                                      "folders and images, each with a caption file of the same name (clip.mp4 + "
-                                      "clip.txt), or with a metadata.jsonl (file_name, text per line)."}),
+                "folder": (host.list_models("training_data"), {"tooltip": "A dataset folder in "
+                           "models/training_data: videos (mp4, webm, gif, mov), frame folders and images, each with "
+                           "a caption file of the same name (clip.mp4 + clip.txt), or a metadata.jsonl (file_name, "
+                           "text per line). Latents and text embeddings are cached in its .cogvx_cache."}),
                 "frames": ("INT", {"default": 49, "min": 1, "max": 161, "step": 4, "tooltip": "The longest "
                                    "clip in frames (4k+1). Shorter clips train at the longest count they fill, "
                                    "images as 1 frame."}),
@@ -93,9 +94,6 @@ class CogVXDataset:
                                           "aspect ratio."}),
                 "fps": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 120.0, "tooltip": "Resample clips to this "
                                   "frame rate; 0 = the model's (8 for 1.0, 16 for 1.5)."}),
-                "cache_dir": ("STRING", {"default": "", "tooltip": "Where latents and text embeddings are cached "
-                                         "(default: <folder>/.cogvx_cache). Unchanged clips are never encoded "
-                                         "twice."}),
             },
         }
 
@@ -106,19 +104,28 @@ class CogVXDataset:
     DESCRIPTION = ("Checks a training folder (every missing caption or unreadable clip is named), assigns each clip "
                    "its duration and size bucket, and encodes what the cache lacks with the VAE and T5.")
 
+    @staticmethod
+    def _folder(name: str) -> Path:
+        if not str(name).strip():
+            raise CogVXError("CogVXDataset: choose a dataset folder (put it in models/training_data first).")
+        try:
+            return host.model_path("training_data", name)  # never a path outside the registered folders
+        except FileNotFoundError as e:
+            raise CogVXError(f"CogVXDataset: {e} Put the clips in a sub-folder of models/training_data.")
+
     @classmethod
     def IS_CHANGED(cls, folder, **kwargs):
         # An edited, added or removed clip or caption must prepare again.
         try:
-            files = sorted(p for p in Path(folder).rglob("*") if p.is_file() and ".cogvx_cache" not in p.parts)
+            root = cls._folder(folder)
+            files = sorted(p for p in root.rglob("*") if p.is_file() and ".cogvx_cache" not in p.parts)
             return str([(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in files]) + json.dumps(
                 kwargs, sort_keys=True, default=str)
-        except OSError:
+        except (OSError, CogVXError):
             return folder
 
-    def prepare(self, model, vae, t5, folder, frames, width, height, more_sizes="", fps=0.0, cache_dir=""):
-        if not str(folder).strip():
-            raise CogVXError("CogVXDataset: give the training folder (a path on the machine running ComfyUI).")
+    def prepare(self, model, vae, t5, folder, frames, width, height, more_sizes="", fps=0.0):
+        folder = self._folder(folder)
         variant = _variant_of(model)
         sizes = [(height, width)] + (parse_resolutions(more_sizes) if more_sizes.strip() else [])
         buckets = make_buckets(variant, frames, height, width, sizes)
@@ -133,7 +140,7 @@ class CogVXDataset:
 
         with torch.inference_mode(False):
             dataset = prepare_dataset(folder, vae=vae.vae, text_encoder=t5.encoder, variant=variant, buckets=buckets,
-                                      cache_dir=cache_dir.strip() or None, fps=fps or None, progress=step)
+                                      cache_dir=None, fps=fps or None, progress=step)
         summary = f"{dataset.summary()}\n{buckets.describe()}" + "".join(f"\nnote: {n}" for n in dataset.notes)
         return {"ui": {"text": [summary]}, "result": (dataset,)}
 
@@ -201,8 +208,9 @@ class CogVXTrainLora:
                                            "masked), as the paper's Frame Pack."}),
                 "validation_every": ("INT", {"default": 0, "min": 0, "max": 100000, "tooltip": "Fixed-noise "
                                              "validation loss every N steps (0: off)."}),
-                "checkpoint_dir": ("STRING", {"default": "", "tooltip": "Where resumable checkpoints go; a new "
-                                              "session resumes from the latest one there (e.g. after a restart)."}),
+                "checkpoint_dir": ("STRING", {"default": "", "tooltip": "A name: resumable checkpoints go to "
+                                              "models/training_checkpoints/<name>; a new session resumes from the "
+                                              "latest one there (e.g. after a restart). Empty: no checkpoints."}),
                 "save_every": ("INT", {"default": 0, "min": 0, "max": 100000, "tooltip": "Checkpoint every N steps "
                                        "(0: at the end of each run only, when checkpoint_dir is set)."}),
                 "restart": ("BOOLEAN", {"default": False, "tooltip": "Start over at step 0 (a new LoRA)."}),
@@ -238,9 +246,14 @@ class CogVXTrainLora:
         settings.check()
         # ComfyUI runs nodes under torch.inference_mode: the LoRA, the optimizer state and every step must not be
         # inference tensors, so the whole session lives outside it
+        folder = ""
+        if checkpoint_dir.strip():
+            try:
+                folder = str(host.writable_folder("training_checkpoints", checkpoint_dir.strip()))
+            except ValueError as e:
+                raise CogVXError(f"CogVXTrainLora: checkpoint_dir {e}")
         with torch.inference_mode(False), torch.enable_grad():
-            return self._train(node, model, dataset, settings, steps_per_run, total_steps, checkpoint_dir.strip(),
-                               restart, device)
+            return self._train(node, model, dataset, settings, steps_per_run, total_steps, folder, restart, device)
 
     def _train(self, node, model, dataset, settings, steps_per_run, total_steps, checkpoint_dir, restart, device):
         session = self._session(node, model, dataset, settings, checkpoint_dir, restart, device)

@@ -8,7 +8,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
+# The test models are tiny: one thread is fastest, and several OpenMP threads spin-wait badly whenever anything
+# else shares the CPU (a tiled VAE test: 0.4 s on one thread, 17 s on two under load). Subprocesses inherit this.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+torch.set_num_threads(int(os.environ.get("COGVX_TEST_THREADS", "1")))
 
 
 @pytest.fixture(autouse=True)

@@ -95,6 +95,11 @@ def build_base(base: Path) -> None:
     write_t5_single_file(models / "text_encoders" / "t5xxl_fp16.safetensors", width)
     build_tiny_llm(models / "LLM" / "Qwen2.5-3B-Instruct")
     write_inputs(base / "input")
+    from tests.train.trainkit import write_clip
+
+    for i, n in enumerate((9, 5)):  # the training workflow's dataset folder
+        write_clip(models / "training_data" / "my_clips" / f"clip{i}.mp4", n, 48, 64, seed=i,
+                   caption=f"a small red fox runs along the river, take {i}")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -202,6 +207,13 @@ def shrunk(path: Path, steps: int = 2) -> dict:
             inputs["steps"] = steps
         elif cls == "CogVXCaptionUpsample":
             inputs["max_new_tokens"] = 16
+        elif cls == "CogVXDataset":
+            inputs.update(frames=9, width=64, height=48)
+        elif cls == "CogVXTrainLora":
+            inputs.update(steps_per_run=steps, total_steps=steps, rank=4, alpha=4.0, warmup_steps=0,
+                          validation_every=0)
+        elif cls == "CogVXLossPlot":
+            inputs.update(width=256, height=128)
     return prompt
 
 
@@ -242,6 +254,12 @@ def test_api_workflow_runs_to_success(server, path, tmp_path):
     assert record["status"] == 200 and record["reply"]["node_errors"] == {}, record["reply"]
     assert "execution_success" in events(record), record["messages"][-3:]
     assert record["history"]["status"]["status_str"] == "success"
+    if "CogVXTrainLora" in {n["class_type"] for n in prompt.values()}:  # the training workflow
+        trainer = node_of(prompt, "CogVXTrainLora")
+        steps = [body for kind, body in record["messages"] if kind == "progress" and body.get("node") == trainer]
+        assert steps[-1]["value"] == steps[-1]["max"] == 2
+        assert list((server.base / "models" / "loras").rglob("*.safetensors"))  # the trained LoRA was saved
+        return
     saved = record["history"]["outputs"][node_of(prompt, "SaveVideo")]["images"][0]
     video = server.base / "output" / saved["subfolder"] / saved["filename"]
     assert video.is_file() and video.stat().st_size > 0

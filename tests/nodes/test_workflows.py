@@ -15,15 +15,15 @@ from nodes import NODE_CLASS_MAPPINGS as N
 ROOT = Path(__file__).resolve().parents[2]
 API = sorted((ROOT / "workflows" / "api").glob("*.json"))
 EXPECTED = {"cogvx_t2v_2b", "cogvx_t2v_5b", "cogvx_t2v_1.5", "cogvx_i2v_5b", "cogvx_i2v_1.5", "cogvx_v2v_5b",
-            "cogvx_t2v_5b_caption", "cogvx_t2v_tiny"}
+            "cogvx_t2v_5b_caption", "train_lora", "cogvx_t2v_tiny"}
 # Core nodes: widget names in the order the frontend saves them ("upload" is LoadImage/LoadVideo's button), and
 # output types. The host test checks these against a real ComfyUI's /object_info.
 CORE_WIDGETS = {"LoadImage": ["image", "upload"], "LoadVideo": ["file", "upload"], "GetVideoComponents": [],
-                "CreateVideo": ["fps"], "SaveVideo": ["filename_prefix", "format", "codec"]}
+                "CreateVideo": ["fps"], "SaveVideo": ["filename_prefix", "format", "codec"], "PreviewImage": []}
 CORE_OUTPUTS = {"LoadImage": ["IMAGE", "MASK"], "LoadVideo": ["VIDEO"], "GetVideoComponents": ["IMAGE", "AUDIO", "FLOAT"],
-                "CreateVideo": ["VIDEO"], "SaveVideo": []}
+                "CreateVideo": ["VIDEO"], "SaveVideo": [], "PreviewImage": []}
 MODEL_INPUTS = {("CogVXModelLoader", "model"), ("CogVXVAELoader", "vae"), ("CogVXT5Loader", "t5"),
-                ("CogVXLLMLoader", "llm"), ("LoadImage", "image"), ("LoadVideo", "file")}
+                ("CogVXLLMLoader", "llm"), ("LoadImage", "image"), ("LoadVideo", "file"), ("CogVXDataset", "folder")}
 WIDGET_TYPES = ("INT", "FLOAT", "STRING", "BOOLEAN")
 
 
@@ -51,7 +51,7 @@ def test_api_workflow_fits_the_nodes(path):
     for node_id, node in prompt.items():
         cls = node["class_type"]
         assert cls in N or cls in CORE_WIDGETS, cls
-        outputs += cls == "SaveVideo"
+        outputs += cls in ("SaveVideo", "CogVXSaveLora")  # a video, or the trained LoRA
         for name, value in node["inputs"].items():
             if isinstance(value, list):  # a link [node id, output index]
                 src = prompt[value[0]]["class_type"]

@@ -34,12 +34,23 @@ def handles(model_folder):
 
 
 @pytest.fixture(scope="module")
-def dataset(handles, tmp_path_factory):
-    folder = tmp_path_factory.mktemp("clips")
+def models_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("models")
+    (root / "training_data").mkdir()
+    mp = pytest.MonkeyPatch()
+    mp.setenv("COGVX_MODELS_DIR", str(root))
+    yield root
+    mp.undo()
+
+
+@pytest.fixture(scope="module")
+def dataset(handles, models_dir):
+    folder = models_dir / "training_data" / "clips"
     for i, n in enumerate((9, 5, 9)):
         write_clip(folder / f"c{i}", n, 40, 56, seed=i, caption=CAPTIONS[i])
     write_clip(folder / "img.png", 1, 40, 56, caption=CAPTIONS[4])
-    out = CogVXDataset().prepare(*handles, str(folder), 9, 48, 32)
+    assert "clips" in CogVXDataset.INPUT_TYPES()["required"]["folder"][0]
+    out = CogVXDataset().prepare(*handles, "clips", 9, 48, 32)
     assert "4 clips" in out["ui"]["text"][0]
     return out["result"][0]
 
@@ -56,13 +67,18 @@ def _forward(transformer):
         return transformer(x, torch.tensor([500]), ctx)
 
 
-def test_dataset_node_errors(handles, tmp_path):
-    with pytest.raises(CogVXError, match="give the training folder"):
+def test_dataset_node_errors(handles, models_dir, tmp_path):
+    with pytest.raises(CogVXError, match="choose a dataset folder"):
         CogVXDataset().prepare(*handles, "  ", 9, 48, 32)
-    write_clip(tmp_path / "x.mp4", 9)
+    with pytest.raises(CogVXError, match="not in the training_data model folder"):
+        CogVXDataset().prepare(*handles, str(tmp_path), 9, 48, 32)  # an arbitrary path is refused
+    with pytest.raises(CogVXError, match="not in the training_data model folder"):
+        CogVXDataset().prepare(*handles, "../../etc", 9, 48, 32)
+    bad = models_dir / "training_data" / "bad"
+    write_clip(bad / "x.mp4", 9)
     with pytest.raises(CogVXError, match=r"x\.mp4: no caption"):
-        CogVXDataset().prepare(*handles, str(tmp_path), 9, 48, 32)
-    assert CogVXDataset.IS_CHANGED(str(tmp_path)) != CogVXDataset.IS_CHANGED(str(tmp_path), frames=17)
+        CogVXDataset().prepare(*handles, "bad", 9, 48, 32)
+    assert CogVXDataset.IS_CHANGED("bad") != CogVXDataset.IS_CHANGED("bad", frames=17)
 
 
 def test_chunked_runs_equal_one_straight_run_and_leave_the_model_alone(handles, dataset):
@@ -110,18 +126,21 @@ def test_cancel_keeps_the_state_and_the_next_run_continues(handles, dataset, tmp
 
     monkeypatch.setattr(host, "throw_if_interrupted", interrupt)
     node = CogVXTrainLora()
-    ckpt = tmp_path / "ckpt"
+    monkeypatch.setenv("COGVX_MODELS_DIR", str(tmp_path))
+    ckpt = tmp_path / "training_checkpoints" / "run1"  # checkpoint_dir is a name inside that registered folder
+    with pytest.raises(CogVXError, match="not a sub-folder name"):
+        node.train(model, dataset, **TRAIN, checkpoint_dir=str(tmp_path / "elsewhere"), unique_id="cancel")
     with pytest.raises(KeyboardInterrupt):
-        node.train(model, dataset, **TRAIN, checkpoint_dir=str(ckpt), unique_id="cancel")
+        node.train(model, dataset, **TRAIN, checkpoint_dir="run1", unique_id="cancel")
     session = training._SESSIONS["cancel"]
     assert session.trainer.step == 2 and (ckpt / "step-00000002").is_dir()  # saved on Cancel
-    out = node.train(model, dataset, **TRAIN, checkpoint_dir=str(ckpt), unique_id="cancel")
+    out = node.train(model, dataset, **TRAIN, checkpoint_dir="run1", unique_id="cancel")
     assert out["result"][2] == 5  # 3 more steps
     training.drop_session("cancel")
     # a new session (a restarted ComfyUI) resumes from the checkpoint written at the end of the last run
-    resumed = node.train(model, dataset, **{**TRAIN, "steps_per_run": 1}, checkpoint_dir=str(ckpt), unique_id="new")
+    resumed = node.train(model, dataset, **{**TRAIN, "steps_per_run": 1}, checkpoint_dir="run1", unique_id="new")
     assert resumed["result"][2] == 6
-    restarted = node.train(model, dataset, **{**TRAIN, "steps_per_run": 1}, checkpoint_dir=str(ckpt), restart=True,
+    restarted = node.train(model, dataset, **{**TRAIN, "steps_per_run": 1}, checkpoint_dir="run1", restart=True,
                            unique_id="new")
     assert restarted["result"][2] == 1
     assert [p.name for p in ckpt.iterdir()] == ["step-00000001"]  # the old run's checkpoints went with the restart
@@ -233,7 +252,8 @@ def test_web_chart(tmp_path):
 # the training workflow
 
 WIDGETS = ("INT", "FLOAT", "STRING", "BOOLEAN")
-MODEL_CHOICES = {("CogVXModelLoader", "model"), ("CogVXVAELoader", "vae"), ("CogVXT5Loader", "t5")}  # the installed
+MODEL_CHOICES = {("CogVXModelLoader", "model"), ("CogVXVAELoader", "vae"), ("CogVXT5Loader", "t5"),
+                 ("CogVXDataset", "folder")}  # the installed
 LOADERS = {"CogVXModelLoader": ["model", "dtype", "weight_storage", "attention"], "CogVXVAELoader": ["vae", "dtype"],
            "CogVXT5Loader": ["t5", "dtype"], "PreviewImage": []}
 
