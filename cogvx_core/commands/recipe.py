@@ -21,6 +21,8 @@ def add_arguments(p) -> None:
     tiny.add_argument("--work", default="out/recipe-tiny", help="work folder: data, caches, checkpoints; a re-run "
                       "continues after the last finished stage (default out/recipe-tiny)")
     tiny.add_argument("--smoke", action="store_true", help="the same stages at a toy scale (seconds)")
+    tiny.add_argument("--until", choices=["data", "text", "vae", "transformer"], default="transformer",
+                      help="stop after this stage (a later run with the same --work continues; default: all)")
 
     lora = sub.add_parser("lora-demo", help="teach the tiny model a colour it never saw (purple) with a LoRA trained "
                           "by the project's trainer; adherence before and after")
@@ -42,7 +44,7 @@ def run(args) -> int:
         from ..recipes.tiny import TinyRecipe, build
 
         recipe = TinyRecipe.smoke() if args.smoke else TinyRecipe()
-        result = build(args.out or TINY_MODEL, args.work, recipe)
+        result = build(args.out or TINY_MODEL, args.work, recipe, until=args.until)
     elif args.recipe == "lora-demo":
         from ..recipes.demos import lora_demo
 
