@@ -28,8 +28,10 @@ def add_arguments(p) -> None:
     p.add_argument("--width", type=int, default=384)
     p.add_argument("--dtype", choices=list(DTYPES), default="float32")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--vae-latents", default="1,16,5,16,24", help="B,C,t,h,w of the latents the VAE decodes")
+    p.add_argument("--repeats", type=int, default=3, help="transformer forwards per implementation")
+    p.add_argument("--vae-latents", default="1,16,3,16,24", help="B,C,t,h,w of the latents the VAE decodes")
+    p.add_argument("--vae-repeats", type=int, default=1, help="VAE decodes per implementation (each in a fresh "
+                   "process on CPU)")
     p.add_argument("--only", choices=["transformer", "vae"], help="run one of the two benchmarks")
 
 
@@ -134,7 +136,8 @@ def run(args) -> int:
         from .bench_vae import bench_vae
 
         shape = tuple(int(n) for n in args.vae_latents.split(","))
-        r = bench_vae(dict(VAE_DEFAULTS), shape, dtype=DTYPES[args.dtype], device=args.device, repeats=args.repeats)
+        r = bench_vae(dict(VAE_DEFAULTS), shape, dtype=DTYPES[args.dtype], device=args.device,
+                      repeats=args.vae_repeats)
         print(f"VAE decode (released VAE, latents {shape} -> frames {tuple(r['output_shape'])}): "
               f"ours {r['ours_time_s'] * 1000:.0f} ms, reference {r['reference_time_s'] * 1000:.0f} ms, ratio "
               f"{r['time_ratio']:.3f}x; peak memory ours {r['ours_peak_bytes'] / 2**20:.0f} MiB, reference "
