@@ -32,6 +32,8 @@ VAE round trip: `analysis` reads smaller shapes blurred by 4x4-pixel detail loss
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import math
 from dataclasses import asdict, dataclass
@@ -256,6 +258,13 @@ def random_clip(combo: Combo, rng: np.random.Generator, frames: int = 9, height:
     y = position(height, travel if dy else 0.0, dy)
     return Clip(shape=combo.shape, colour=combo.colour, direction=combo.direction, background=combo.background,
                 speed=speed, size=size, start=(x / width, y / height), frames=frames, height=height, width=width)
+
+
+def centred(clip: Clip) -> Clip:
+    """The same clip (shape, colours, size, speed, direction) with its path centred in the frame: the start is what
+    the path's length leaves, so the shape passes through the middle half-way through the clip."""
+    dx, dy = DIRECTION_VECTORS[clip.direction]
+    return dataclasses.replace(clip, start=(0.5 - dx * clip.speed / 2, 0.5 - dy * clip.speed / 2))
 
 
 def dataset_clips(n: int, seed: int = 0, frames: int = 9, height: int = 64, width: int = 64,

@@ -28,7 +28,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from ..errors import CogVXError
-from ..synthetic import Combo, caption, combos_for, random_clip, render
+from ..synthetic import Combo, caption, centred, combos_for, random_clip, render
 from .tiny import SCHEDULER_CONFIG, TinyRecipe, _say, _write_json, init_transformer
 
 LORA_COLOUR = "purple"
@@ -48,8 +48,16 @@ def _model_folder(model) -> Path:
     return path
 
 
-def write_clips(folder: Path, combos: list[Combo], per_combo: int, seed: int, size: tuple[int, int, int]) -> int:
-    """`per_combo` random clips of each combination as PNG frame folders with captions (the trainer's layout)."""
+def model_layout(model: Path) -> str:
+    """The clip layout a recipe-built model learnt ("centred" or "random", see recipes.tiny.TinyRecipe.layout)."""
+    recipe = model / "cogvx_recipe.json"
+    return json.loads(recipe.read_text())["settings"].get("layout", "random") if recipe.is_file() else "random"
+
+
+def write_clips(folder: Path, combos: list[Combo], per_combo: int, seed: int, size: tuple[int, int, int],
+                layout: str = "random") -> int:
+    """`per_combo` random clips of each combination as PNG frame folders with captions (the trainer's layout),
+    centred like the base model's training clips when `layout` is "centred"."""
     from ..video_io import write_frames
 
     frames, height, width = size
@@ -58,6 +66,7 @@ def write_clips(folder: Path, combos: list[Combo], per_combo: int, seed: int, si
     for i, combo in enumerate(combos):
         for k in range(per_combo):
             clip = random_clip(combo, np.random.default_rng([seed, i, k]), frames, height, width)
+            clip = centred(clip) if layout == "centred" else clip
             name = f"{n:05d}"
             write_frames(render(clip), folder / name, fps=8)
             (folder / f"{name}.txt").write_text(caption(clip) + "\n", encoding="utf-8")
@@ -152,8 +161,9 @@ def lora_demo(model=None, out="out/lora-demo", *, smoke: bool = False, say=_say)
         import shutil
 
         shutil.rmtree(data, ignore_errors=True)
-        write_clips(data / "purple", train_combos, per_combo, seed=11, size=size)
-        write_clips(data / "base", base_pick, 1, seed=12, size=size)
+        layout = model_layout(model)
+        write_clips(data / "purple", train_combos, per_combo, seed=11, size=size, layout=layout)
+        write_clips(data / "base", base_pick, 1, seed=12, size=size, layout=layout)
         (data / "done").write_text("")
     dataset, _, scaling_factor = _prepare(data, out / "cache", model, text_length, size)
     say(f"lora-demo: {len(dataset)} clips ({len(train_combos) * per_combo} purple, {n_base} ordinary)")

@@ -38,8 +38,8 @@ from typing import Callable
 import torch
 
 from ..errors import CogVXError
-from ..synthetic import (COLOUR_NAMES, DIRECTION_VECTORS, SPARE_COLOUR_NAMES, Clip, all_combos, caption,
-                         dataset_clips, render)
+from ..synthetic import (COLOUR_NAMES, SPARE_COLOUR_NAMES, Clip, all_combos, caption, centred, dataset_clips,
+                         render)
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +71,9 @@ class TinyRecipe:
     width: int = 64
     train_clips: int = 1260  # 6 clips of each of the 210 training caption combinations
     heldout_clips: int = 54  # one per held-out combination (VAE PSNR and flicker)
-    layout: str = "random"  # "random": synthetic.dataset_clips as they are; "centred": each path centred in the frame
+    # "centred": each clip's path centred in the frame (synthetic.centred), so a caption fixes the video up to its
+    # size and speed, which a model this small learns within the time budget; "random": free positions
+    layout: str = "centred"
     # text encoder (T5 v1.1 layout, random and frozen)
     t5: dict = field(default_factory=lambda: dict(d_model=64, d_kv=32, d_ff=128, num_layers=2, num_heads=2,
                                                   relative_attention_num_buckets=16,
@@ -221,15 +223,9 @@ def all_captions() -> list[str]:
 # ---------------------------------------------------------------------------------------------------------------
 def recipe_clips(n: int, r: TinyRecipe, split: str) -> list[Clip]:
     """The first n clips of a split: synthetic.dataset_clips, with each path centred in the frame when
-    r.layout == "centred" (size and speed stay random; the start is what the path's length leaves)."""
+    r.layout == "centred" (size and speed stay random)."""
     clips = dataset_clips(n, seed=r.seed, frames=r.frames, height=r.height, width=r.width, split=split)
-    if r.layout == "random":
-        return clips
-    centred = []
-    for c in clips:
-        dx, dy = DIRECTION_VECTORS[c.direction]
-        centred.append(dataclasses.replace(c, start=(0.5 - dx * c.speed / 2, 0.5 - dy * c.speed / 2)))
-    return centred
+    return [centred(c) for c in clips] if r.layout == "centred" else clips
 
 
 def write_clips(folder: Path, clips: list[Clip]) -> None:
@@ -410,6 +406,10 @@ def init_transformer(config: dict, seed: int):
         model.norm_out.linear.bias.zero_()
         model.proj_out.weight.zero_()
         model.proj_out.bias.zero_()
+        if config.get("use_learned_positional_embeddings"):  # start the table as the 3D sin-cos one (2b's)
+            p = config["patch_size"]
+            grid = ((config["sample_frames"] - 1) // 4 + 1, config["sample_height"] // p, config["sample_width"] // p)
+            model.patch_embed.pos_embedding.copy_(model._sincos(*grid, torch.device("cpu"))[None])
     return model
 
 

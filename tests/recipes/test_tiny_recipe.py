@@ -85,7 +85,7 @@ def test_a_stage_is_reused_while_its_settings_stand_and_redone_when_they_change(
 
     from cogvx_core.recipes.tiny import build
 
-    r = dataclasses.replace(TinyRecipe.smoke(), train_clips=3, heldout_clips=2)
+    r = dataclasses.replace(TinyRecipe.smoke(), train_clips=3, heldout_clips=2, layout="random")
     build(tmp_path / "m", tmp_path / "w", r, say=lambda m: None, until="text")
     stages = json.loads((tmp_path / "w" / "stages.json").read_text())
     assert set(stages) == {"data", "text"} and stages["data"]["settings"]["layout"] == "random"
