@@ -5,13 +5,16 @@ project's own code on synthetic clips (cogvx_core/synthetic.py), in one seeded c
 
 Stages (each one's output is kept in the work folder, so a re-run continues after the last finished stage):
   1. data         train clips (the training caption combinations) and held-out clips (combinations never trained),
-                  64x64, 9 frames (3 latent frames), written as PNG frame folders with captions
+                  64x64, 9 frames (3 latent frames), each path centred in the frame, written as PNG frame folders
+                  with captions
   2. text         a sentencepiece tokenizer trained on every caption word (the spare colour "purple" included, which
                   no training clip shows: the word a LoRA can teach later) and a small random T5 v1.1 encoder; it is
                   frozen, as CogVideoX keeps T5 frozen (distinct captions are already far apart: see `caption_spread`)
-  3. vae          the 3D causal VAE of the released architecture with narrow widths, trained by train/vae.py on L1 +
-                  MSE + a small KL (no GAN by default); its latent scale (1 / std of the latents) goes into its config
-  4. transformer  the expert transformer, 5b-style (3D RoPE), trained from scratch by the project's trainer
+  3. vae          the 3D causal VAE of the released architecture with narrow widths, trained by train/vae.py on
+                  MSE + a small KL (L1 and GAN terms exist, off here; the clips it learns from keep random
+                  positions); its latent scale (1 / std of the latents) goes into its config
+  4. transformer  the expert transformer (5b: 3D RoPE, with 5b-I2V's additive position table started as the 3D
+                  sin-cos table), trained from scratch by the project's trainer
                   (train/trainer.py, full fine-tuning mode) on the VAE latents and T5 embeddings it caches; a share of
                   the clips is also trained with the empty caption, so classifier-free guidance has an unconditional
                   branch to push away from
@@ -89,11 +92,14 @@ class TinyRecipe:
                                                          warmup_steps=100, crop=32, crop_steps=7000,
                                                          l1_weight=0.0, mse_weight=1.0, kl_weight=1e-6,
                                                          mixed_precision="bf16"))
-    # transformer (CogVideoXTransformer3DModel, 5b-style: 3D RoPE, no learned positions)
-    transformer: dict = field(default_factory=lambda: dict(num_attention_heads=3, attention_head_dim=64,
-                                                           num_layers=4, time_embed_dim=128))
-    transformer_train: dict = field(default_factory=lambda: dict(steps=4000, batch_size=16, learning_rate=1e-3,
-                                                                 lr_schedule="cosine", warmup_steps=100,
+    # transformer (CogVideoXTransformer3DModel, 5b: 3D RoPE), plus the additive position table the released 5b-I2V
+    # has, started as the 3D sin-cos table: with RoPE alone (relative positions) a model this small placed the shape
+    # nowhere in particular within the budget, and a centred path needs absolute positions
+    transformer: dict = field(default_factory=lambda: dict(num_attention_heads=4, attention_head_dim=32,
+                                                           num_layers=4, time_embed_dim=128,
+                                                           use_learned_positional_embeddings=True))
+    transformer_train: dict = field(default_factory=lambda: dict(steps=15000, batch_size=16, learning_rate=3e-3,
+                                                                 lr_schedule="cosine", warmup_steps=300,
                                                                  weight_decay=0.0, max_grad_norm=1.0,
                                                                  mixed_precision="no",
                                                                  gradient_checkpointing=False,
@@ -393,6 +399,7 @@ def make_vae(r: TinyRecipe, work: Path, say=_say) -> Path:
 def init_transformer(config: dict, seed: int):
     """A fresh transformer: torch's default initialisation, seeded, with every adaptive-norm modulation and the
     output projection zeroed (adaLN-Zero: each block starts as the identity, which trains faster from scratch)."""
+    from ..modules.embeddings import sincos_1d_table
     from ..transformer import build_transformer
 
     torch.manual_seed(seed)
@@ -406,10 +413,14 @@ def init_transformer(config: dict, seed: int):
         model.norm_out.linear.bias.zero_()
         model.proj_out.weight.zero_()
         model.proj_out.bias.zero_()
-        if config.get("use_learned_positional_embeddings"):  # start the table as the 3D sin-cos one (2b's)
-            p = config["patch_size"]
+        if config.get("use_learned_positional_embeddings"):
+            # Video rows: the 3D sin-cos table (2b's). Text rows (zero in 2b): 1D sin-cos of the token index, so the
+            # model can tell "a white square on a blue background" from "a blue square on a white background".
+            p, length = config["patch_size"], config["max_text_seq_length"]
             grid = ((config["sample_frames"] - 1) // 4 + 1, config["sample_height"] // p, config["sample_width"] // p)
-            model.patch_embed.pos_embedding.copy_(model._sincos(*grid, torch.device("cpu"))[None])
+            table = model._sincos(*grid, torch.device("cpu"))  # (text + video tokens, D), text rows 0
+            table[:length] = sincos_1d_table(table.shape[1], length).to(table.dtype)
+            model.patch_embed.pos_embedding.copy_(table[None])
     return model
 
 
