@@ -195,8 +195,8 @@ def shrunk(path: Path, steps: int = 2) -> dict:
     prompt = json.loads(path.read_text())
     for node in prompt.values():
         inputs, cls = node["inputs"], node["class_type"]
-        if cls == "CogVXEmptyLatent":
-            inputs.update(frames=9, width=64, height=48)
+        if cls == "CogVXEmptyLatent" and inputs["width"] * inputs["height"] > 64 * 64:  # the built-in model's
+            inputs.update(frames=9, width=64, height=48)  # 64x64 (its position table's size) stays
         elif cls == "CogVXImageToVideo":
             inputs["frames"] = 9
             if inputs["variant"] == "5b-i2v":  # the small model's learned position table is for 192x128
