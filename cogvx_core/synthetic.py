@@ -59,6 +59,9 @@ PALETTE = {
 COLOUR_NAMES = ("red", "green", "blue", "yellow", "white")
 BACKGROUND_NAMES = ("black", "gray", "white", "blue", "green")
 SPARE_COLOUR_NAMES = ("purple",)  # never in the base data: the word a LoRA can teach later
+# Shape colours no base clip has: the spare colour, and the colours the base data only gives backgrounds. A LoRA
+# can teach any of them (see recipes/demos.py).
+UNSEEN_SHAPE_COLOURS = SPARE_COLOUR_NAMES + ("black", "gray")
 SHAPES = ("circle", "square", "triangle")
 DIRECTIONS = ("left", "right", "up", "down")
 # Unit motion per direction in image coordinates (x to the right, y downwards).
@@ -98,7 +101,7 @@ class Clip:
 
     def __post_init__(self):
         _check_name("shape", self.shape, SHAPES)
-        _check_name("colour", self.colour, COLOUR_NAMES + SPARE_COLOUR_NAMES)
+        _check_name("colour", self.colour, COLOUR_NAMES + UNSEEN_SHAPE_COLOURS)
         _check_name("direction", self.direction, DIRECTIONS)
         _check_name("background", self.background, BACKGROUND_NAMES)
         if self.colour == self.background:

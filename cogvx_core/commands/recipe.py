@@ -11,6 +11,8 @@ import json
 import sys
 from pathlib import Path
 
+from ..synthetic import UNSEEN_SHAPE_COLOURS
+
 HELP = "seeded training recipes: the built-in tiny model, the LoRA demonstration, the EUS ablation"
 
 
@@ -24,10 +26,13 @@ def add_arguments(p) -> None:
     tiny.add_argument("--until", choices=["data", "text", "vae", "transformer"], default="transformer",
                       help="stop after this stage (a later run with the same --work continues; default: all)")
 
-    lora = sub.add_parser("lora-demo", help="teach the tiny model a colour it never saw (purple) with a LoRA trained "
+    lora = sub.add_parser("lora-demo", help="teach the tiny model a shape colour it never drew with a LoRA trained "
                           "by the project's trainer; adherence before and after")
     lora.add_argument("--model", help="base model folder (default: the built-in cogvx-tiny)")
     lora.add_argument("--out", default="out/lora-demo", help="output folder: LoRA, numbers, figure")
+    lora.add_argument("--colour", choices=list(UNSEEN_SHAPE_COLOURS), default="black",
+                      help="the shape colour to teach (default black: the base only has black backgrounds; the "
+                      "shipped VAE cannot decode purple)")
     lora.add_argument("--smoke", action="store_true", help="a toy-scale run (seconds)")
 
     eus = sub.add_parser("eus", help="the paper's Explicit Uniform Sampling ablation: loss-curve variance with and "
@@ -48,7 +53,7 @@ def run(args) -> int:
     elif args.recipe == "lora-demo":
         from ..recipes.demos import lora_demo
 
-        result = lora_demo(args.model, args.out, smoke=args.smoke)
+        result = lora_demo(args.model, args.out, colour=args.colour, smoke=args.smoke)
     else:
         from ..recipes.demos import eus_ablation
 
