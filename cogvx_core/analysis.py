@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import CogVXError
-from .synthetic import COLOUR_NAMES, DIRECTIONS, PALETTE, SHAPES, SPARE_COLOUR_NAMES, coverage
+from .synthetic import COLOUR_NAMES, DIRECTIONS, PALETTE, SHAPES, UNSEEN_SHAPE_COLOURS, coverage
 
 UNKNOWN = "unknown"
 STATIC = "static"
@@ -323,7 +323,7 @@ def parse_caption(text: str) -> dict:
                          "to the right|up|down}} on a {background} background'; write it in that form.")
     parsed = dict(match.groupdict())
     parsed["direction"] = _DIRECTION_WORDS[parsed["direction"]]
-    for slot, choices in (("colour", COLOUR_NAMES + SPARE_COLOUR_NAMES), ("shape", SHAPES),
+    for slot, choices in (("colour", COLOUR_NAMES + UNSEEN_SHAPE_COLOURS), ("shape", SHAPES),
                           ("direction", DIRECTIONS), ("background", tuple(PALETTE))):
         if parsed[slot] not in choices:
             raise CogVXError(f"caption {text!r}: unknown {slot} {parsed[slot]!r}; the judge knows "

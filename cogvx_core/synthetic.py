@@ -32,6 +32,8 @@ VAE round trip: `analysis` reads smaller shapes blurred by 4x4-pixel detail loss
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import math
 from dataclasses import asdict, dataclass
@@ -57,6 +59,9 @@ PALETTE = {
 COLOUR_NAMES = ("red", "green", "blue", "yellow", "white")
 BACKGROUND_NAMES = ("black", "gray", "white", "blue", "green")
 SPARE_COLOUR_NAMES = ("purple",)  # never in the base data: the word a LoRA can teach later
+# Shape colours no base clip has: the spare colour, and the colours the base data only gives backgrounds. A LoRA
+# can teach any of them (see recipes/demos.py).
+UNSEEN_SHAPE_COLOURS = SPARE_COLOUR_NAMES + ("black", "gray")
 SHAPES = ("circle", "square", "triangle")
 DIRECTIONS = ("left", "right", "up", "down")
 # Unit motion per direction in image coordinates (x to the right, y downwards).
@@ -96,7 +101,7 @@ class Clip:
 
     def __post_init__(self):
         _check_name("shape", self.shape, SHAPES)
-        _check_name("colour", self.colour, COLOUR_NAMES + SPARE_COLOUR_NAMES)
+        _check_name("colour", self.colour, COLOUR_NAMES + UNSEEN_SHAPE_COLOURS)
         _check_name("direction", self.direction, DIRECTIONS)
         _check_name("background", self.background, BACKGROUND_NAMES)
         if self.colour == self.background:
@@ -256,6 +261,13 @@ def random_clip(combo: Combo, rng: np.random.Generator, frames: int = 9, height:
     y = position(height, travel if dy else 0.0, dy)
     return Clip(shape=combo.shape, colour=combo.colour, direction=combo.direction, background=combo.background,
                 speed=speed, size=size, start=(x / width, y / height), frames=frames, height=height, width=width)
+
+
+def centred(clip: Clip) -> Clip:
+    """The same clip (shape, colours, size, speed, direction) with its path centred in the frame: the start is what
+    the path's length leaves, so the shape passes through the middle half-way through the clip."""
+    dx, dy = DIRECTION_VECTORS[clip.direction]
+    return dataclasses.replace(clip, start=(0.5 - dx * clip.speed / 2, 0.5 - dy * clip.speed / 2))
 
 
 def dataset_clips(n: int, seed: int = 0, frames: int = 9, height: int = 64, width: int = 64,

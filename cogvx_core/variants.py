@@ -140,7 +140,7 @@ def detect_variant(transformer_config: dict) -> Variant:
             raise CogVXError("A CogVideoX 1.0 image-to-video transformer without rotary embeddings is not a released "
                              "architecture; check the checkpoint's transformer config.")
         return VARIANTS["2b"]
-    if cfg["use_learned_positional_embeddings"] or i2v:
+    if i2v:  # a text-to-video transformer may also carry the learned table (cogvx-tiny does)
         return VARIANTS["5b-i2v"]
     return VARIANTS["5b"]
 

@@ -97,8 +97,22 @@ def send(event: str, data: dict) -> None:
         pass
 
 
+# Model folders that ship inside the pack (cogvx_core/models), listed first under these names for the "cogvideox"
+# kind, so a fresh install runs the pack's workflows with no download.
+BUILTIN_MODELS: dict[str, Path] = {
+    "cogvx-tiny (built in)": Path(__file__).resolve().parent.parent / "cogvx_core" / "models" / "cogvx-tiny",
+}
+
+
+def builtin_models(folder: str) -> dict[str, Path]:
+    """The built-in model folders of a model kind that are present."""
+    if folder != "cogvideox":
+        return {}
+    return {name: path for name, path in BUILTIN_MODELS.items() if (path / "model_index.json").is_file()}
+
+
 def list_models(folder: str) -> list[str]:
-    """Files (or, for folder-type model kinds, sub-folders) a loader node may offer."""
+    """Files (or, for folder-type model kinds, sub-folders) a loader node may offer; built-in models first."""
     exts = MODEL_FOLDERS.get(folder, (folder, {".safetensors"}))[1]
     names: set[str] = set()
     for root in _roots(folder):
@@ -108,11 +122,16 @@ def list_models(folder: str) -> list[str]:
             names.update(p.relative_to(root).as_posix() for p in root.rglob("*") if p.suffix.lower() in exts)
         else:
             names.update(p.name for p in root.iterdir() if p.is_dir())
-    return sorted(names)
+    return list(builtin_models(folder)) + sorted(names)
 
 
 def model_path(folder: str, name: str) -> Path:
-    """The full path of `name` inside one of `folder`'s roots; never a path outside them."""
+    """The full path of `name` inside one of `folder`'s roots (or a built-in model); never a path outside them."""
+    for builtin, base in builtin_models(folder).items():
+        if name == builtin or name.startswith(builtin + "/"):
+            path = (base / name[len(builtin):].lstrip("/")).resolve()
+            if path.is_relative_to(base) and path.exists():
+                return path
     for root in _roots(folder):
         path = (root / name).resolve()
         if path.is_relative_to(root.resolve()) and path.exists():

@@ -28,6 +28,8 @@ I2V_PROMPT = ("The scene comes to life: gentle wind moves through the scene, lig
               "in a little, natural motion, detailed and cinematic.")
 V2V_PROMPT = ("A watercolor painting in motion, soft washes of colour, visible paper texture, the same movement as "
               "the input video.")
+TINY_PROMPT = "a red circle moves to the left on a black background"
+TINY = "cogvx-tiny (built in)"  # the model folder that ships in cogvx_core/models (nodes/host.py lists it)
 T5_URL = "https://huggingface.co/comfyanonymous/flux_text_encoders/resolve/main/t5xxl_fp16.safetensors"
 
 # Core nodes the workflows use: (inputs in order as (name, type) with type "WIDGET" for widgets, outputs,
@@ -194,10 +196,10 @@ def _sample_and_save(wf: Workflow, m, v, pos, neg, latent, *, sampler, dynamic, 
     wf.add("SaveVideo", {"video": (c, 0), "filename_prefix": f"cogvx/{prefix}", "format": "auto", "codec": "auto"})
 
 
-def t2v(name, title, model, vae, t5, variant, frames, width, height, *, sampler, dynamic, fps, caption=False):
+def t2v(name, title, model, vae, t5, variant, frames, width, height, *, sampler, dynamic, fps, caption=False,
+        prompt=PROMPT, steps=50):
     wf = Workflow(name, title)
     m, v, t = _loaders(wf, model, vae, t5)
-    prompt = PROMPT
     if caption:
         llm = wf.add("CogVXLLMLoader", {"llm": "Qwen2.5-3B-Instruct", "precision": "auto",
                                         "base_url": "http://127.0.0.1:11434/v1", "model": "", "timeout_s": 120})
@@ -208,7 +210,8 @@ def t2v(name, title, model, vae, t5, variant, frames, width, height, *, sampler,
     pos, neg = _prompts(wf, t, prompt)
     lat = wf.add("CogVXEmptyLatent", {"variant": variant, "frames": frames, "width": width, "height": height,
                                       "batch_size": 1, "model": (m, 0)})
-    _sample_and_save(wf, m, v, pos, neg, (lat, 0), sampler=sampler, dynamic=dynamic, fps=fps, prefix=name)
+    _sample_and_save(wf, m, v, pos, neg, (lat, 0), sampler=sampler, dynamic=dynamic, fps=fps, prefix=name,
+                     steps=steps)
     return wf
 
 
@@ -255,6 +258,9 @@ def workflows() -> list[Workflow]:
         t2v("cogvx_t2v_5b_caption", "CogVideoX-5b text to video with an LLM-upsampled prompt", "CogVideoX-5b",
             "CogVideoX-5b/vae", "CogVideoX-5b/text_encoder", "5b", 49, 720, 480, sampler="dpm", dynamic=True, fps=8,
             caption=True),
+        t2v("cogvx_t2v_tiny", "cogvx-tiny text to video (built in: runs with no download, synthetic shapes only)",
+            TINY, f"{TINY}/vae", f"{TINY}/text_encoder", "5b", 9, 64, 64, sampler="ddim", dynamic=False, fps=8,
+            prompt=TINY_PROMPT, steps=25),
     ]
 
 

@@ -16,7 +16,8 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 def add_arguments(p) -> None:
-    p.add_argument("--model", help="diffusers-format CogVideoX folder (model_index.json, transformer/, vae/, ...)")
+    p.add_argument("--model", help="diffusers-format CogVideoX folder (model_index.json, transformer/, vae/, ...); "
+                   "default: the built-in cogvx-tiny (64x64, 9 frames, synthetic shapes only)")
     p.add_argument("--prompt", required=True)
     p.add_argument("--negative-prompt", default="")
     p.add_argument("--image", help="start image (image-to-video models)")
@@ -65,11 +66,16 @@ def _parse_lora(spec: str) -> tuple[str, float]:
 
 
 def run(args) -> int:
-    from ..pipeline import load_pipeline
+    from ..pipeline import is_released_size, load_pipeline
     from ..video_io import frames_to_model_input, pil_to_model_input, read_frames, read_image, write_frames
 
     if args.model is None:
-        raise CogVXError("--model is required: a diffusers-format CogVideoX folder.")
+        from ..models import TINY_MODEL, builtin_models
+
+        if not builtin_models():
+            raise CogVXError(f"No --model given and the built-in model is missing ({TINY_MODEL}); pass --model with "
+                             "a diffusers-format CogVideoX folder, or rebuild it: python -m cogvx_core recipe tiny.")
+        args.model = str(TINY_MODEL)
     if not Path(args.model).exists():
         raise CogVXError(f"--model {args.model}: no such folder.")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -84,6 +90,11 @@ def run(args) -> int:
         apply_loras(pipe.transformer, [(load_lora(p), s) for p, s in map(_parse_lora, args.lora)])
 
     height, width = args.height, args.width
+    if not is_released_size(pipe.transformer) and not args.video:
+        # A small model: frames and size it was trained at, not the variant's (an input video keeps its own).
+        cfg = pipe.transformer.config
+        args.frames = args.frames or cfg["sample_frames"]
+        height, width = height or cfg["sample_height"] * 8, width or cfg["sample_width"] * 8
     image = video = None
     if args.image:
         pil = read_image(args.image)

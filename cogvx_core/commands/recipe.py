@@ -11,6 +11,8 @@ import json
 import sys
 from pathlib import Path
 
+from ..synthetic import UNSEEN_SHAPE_COLOURS
+
 HELP = "seeded training recipes: the built-in tiny model, the LoRA demonstration, the EUS ablation"
 
 
@@ -21,11 +23,16 @@ def add_arguments(p) -> None:
     tiny.add_argument("--work", default="out/recipe-tiny", help="work folder: data, caches, checkpoints; a re-run "
                       "continues after the last finished stage (default out/recipe-tiny)")
     tiny.add_argument("--smoke", action="store_true", help="the same stages at a toy scale (seconds)")
+    tiny.add_argument("--until", choices=["data", "text", "vae", "transformer"], default="transformer",
+                      help="stop after this stage (a later run with the same --work continues; default: all)")
 
-    lora = sub.add_parser("lora-demo", help="teach the tiny model a colour it never saw (purple) with a LoRA trained "
+    lora = sub.add_parser("lora-demo", help="teach the tiny model a shape colour it never drew with a LoRA trained "
                           "by the project's trainer; adherence before and after")
     lora.add_argument("--model", help="base model folder (default: the built-in cogvx-tiny)")
     lora.add_argument("--out", default="out/lora-demo", help="output folder: LoRA, numbers, figure")
+    lora.add_argument("--colour", choices=list(UNSEEN_SHAPE_COLOURS), default="black",
+                      help="the shape colour to teach (default black: the base only has black backgrounds; the "
+                      "shipped VAE cannot decode purple)")
     lora.add_argument("--smoke", action="store_true", help="a toy-scale run (seconds)")
 
     eus = sub.add_parser("eus", help="the paper's Explicit Uniform Sampling ablation: loss-curve variance with and "
@@ -42,11 +49,11 @@ def run(args) -> int:
         from ..recipes.tiny import TinyRecipe, build
 
         recipe = TinyRecipe.smoke() if args.smoke else TinyRecipe()
-        result = build(args.out or TINY_MODEL, args.work, recipe)
+        result = build(args.out or TINY_MODEL, args.work, recipe, until=args.until)
     elif args.recipe == "lora-demo":
         from ..recipes.demos import lora_demo
 
-        result = lora_demo(args.model, args.out, smoke=args.smoke)
+        result = lora_demo(args.model, args.out, colour=args.colour, smoke=args.smoke)
     else:
         from ..recipes.demos import eus_ablation
 

@@ -44,6 +44,11 @@ def _sincos_1d(dim: int, pos: torch.Tensor) -> torch.Tensor:
     return torch.cat([torch.sin(out), torch.cos(out)], dim=1)
 
 
+def sincos_1d_table(dim: int, length: int, device=None) -> torch.Tensor:
+    """(length, dim) [sin | cos] table of the positions 0 .. length-1, fp64."""
+    return _sincos_1d(dim, torch.arange(length, dtype=torch.float32, device=device))
+
+
 def sincos_3d_table(dim: int, frames: int, height: int, width: int, spatial_scale: float, temporal_scale: float,
                     device=None) -> torch.Tensor:
     """The 2b fixed position table for a (frames, height, width) token grid -> (frames*height*width, dim) fp64.

@@ -1,10 +1,12 @@
 """Two measured demonstrations on the built-in tiny model, each a seeded sub-command of `cogvx recipe`:
 
-lora-demo  A LoRA trained by the project's trainer (train/trainer.py, LoRA mode) teaches the base model a colour word
-           it never saw: "purple" is in the tokenizer but no base training clip shows it. The LoRA learns from purple
-           clips of some caption combinations (mixed 1:1 with ordinary clips, so other colours keep their meaning) and
-           is judged on purple prompts of the other combinations, before and after, by the same analyser as `eval`;
-           ordinary held-out prompts are judged with the LoRA on too (nothing else should break).
+lora-demo  A LoRA trained by the project's trainer (train/trainer.py, LoRA mode) teaches the base model a shape colour
+           it never drew: by default "black", a word the base only ever read as a background (no base clip has a
+           black shape); "purple" (in the tokenizer, in no base clip) can be asked for, but the shipped VAE never
+           saw purple and cannot decode it. The LoRA learns from clips of some caption combinations of that colour
+           (mixed 1:1 with ordinary clips, so other colours keep their meaning) and is judged on prompts of the
+           other combinations, before and after, by the same analyser as `eval`; ordinary held-out prompts are
+           judged with the LoRA on too (nothing else should break).
 
 eus        The CogVideoX paper's Explicit Uniform Sampling ablation (section 3.3): the same transformer, data, seed and
            steps trained twice from scratch, once with EUS (each batch's timesteps stratified over [0, T)) and once
@@ -28,10 +30,10 @@ import torch
 from PIL import Image, ImageDraw
 
 from ..errors import CogVXError
-from ..synthetic import Combo, caption, combos_for, random_clip, render
+from ..synthetic import UNSEEN_SHAPE_COLOURS, Combo, all_combos, caption, centred, combos_for, random_clip, render
 from .tiny import SCHEDULER_CONFIG, TinyRecipe, _say, _write_json, init_transformer
 
-LORA_COLOUR = "purple"
+LORA_COLOUR = "black"  # the default colour the LoRA teaches (see the module docstring)
 
 
 def _model_folder(model) -> Path:
@@ -48,8 +50,16 @@ def _model_folder(model) -> Path:
     return path
 
 
-def write_clips(folder: Path, combos: list[Combo], per_combo: int, seed: int, size: tuple[int, int, int]) -> int:
-    """`per_combo` random clips of each combination as PNG frame folders with captions (the trainer's layout)."""
+def model_layout(model: Path) -> str:
+    """The clip layout a recipe-built model learnt ("centred" or "random", see recipes.tiny.TinyRecipe.layout)."""
+    recipe = model / "cogvx_recipe.json"
+    return json.loads(recipe.read_text())["settings"].get("layout", "random") if recipe.is_file() else "random"
+
+
+def write_clips(folder: Path, combos: list[Combo], per_combo: int, seed: int, size: tuple[int, int, int],
+                layout: str = "random") -> int:
+    """`per_combo` random clips of each combination as PNG frame folders with captions (the trainer's layout),
+    centred like the base model's training clips when `layout` is "centred"."""
     from ..video_io import write_frames
 
     frames, height, width = size
@@ -58,6 +68,7 @@ def write_clips(folder: Path, combos: list[Combo], per_combo: int, seed: int, si
     for i, combo in enumerate(combos):
         for k in range(per_combo):
             clip = random_clip(combo, np.random.default_rng([seed, i, k]), frames, height, width)
+            clip = centred(clip) if layout == "centred" else clip
             name = f"{n:05d}"
             write_frames(render(clip), folder / name, fps=8)
             (folder / f"{name}.txt").write_text(caption(clip) + "\n", encoding="utf-8")
@@ -84,11 +95,14 @@ def _prepare(folder: Path, cache: Path, model: Path, text_length: int, size: tup
 # ---------------------------------------------------------------------------------------------------------------
 # LoRA demonstration
 # ---------------------------------------------------------------------------------------------------------------
-def lora_split() -> tuple[list[Combo], list[Combo]]:
-    """(purple combinations the LoRA trains on, purple combinations it is judged on): a fixed quarter is judged."""
-    spare = combos_for("spare")
-    judged = [c for i, c in enumerate(spare) if i % 4 == 3]
-    return [c for c in spare if c not in judged], judged
+def lora_split(colour: str = LORA_COLOUR) -> tuple[list[Combo], list[Combo]]:
+    """(combinations of a new shape colour the LoRA trains on, those it is judged on): a fixed quarter is judged."""
+    if colour not in UNSEEN_SHAPE_COLOURS:
+        raise CogVXError(f"--colour {colour}: the base model has drawn shapes of that colour; choose one it never "
+                         f"drew: {', '.join(UNSEEN_SHAPE_COLOURS)}.")
+    combos = all_combos((colour,))
+    judged = [c for i, c in enumerate(combos) if i % 4 == 3]
+    return [c for c in combos if c not in judged], judged
 
 
 def _frames_strip(videos: list[torch.Tensor], frames: int = 5) -> Image.Image:
@@ -104,7 +118,7 @@ def _frames_strip(videos: list[torch.Tensor], frames: int = 5) -> Image.Image:
 
 
 def _lora_figure(prompts: list[str], before: list[torch.Tensor], after: list[torch.Tensor], path: Path,
-                 numbers: str) -> None:
+                 numbers: str, lora_name: str) -> None:
     left, right = _frames_strip(before), _frames_strip(after)
     scale = 2
     left = left.resize((left.width * scale, left.height * scale), Image.NEAREST)
@@ -113,7 +127,7 @@ def _lora_figure(prompts: list[str], before: list[torch.Tensor], after: list[tor
     img = Image.new("RGB", (label_w + left.width + 20 + right.width + 10, top + left.height + 30), (255, 255, 255))
     draw = ImageDraw.Draw(img)
     draw.text((label_w, 8), "base model", fill=(0, 0, 0))
-    draw.text((label_w + left.width + 20, 8), "base + purple LoRA", fill=(0, 0, 0))
+    draw.text((label_w + left.width + 20, 8), f"base + {lora_name} LoRA", fill=(0, 0, 0))
     img.paste(left, (label_w, top))
     img.paste(right, (label_w + left.width + 20, top))
     row_h = left.height // max(len(prompts), 1)
@@ -123,7 +137,8 @@ def _lora_figure(prompts: list[str], before: list[torch.Tensor], after: list[tor
     img.save(path)
 
 
-def lora_demo(model=None, out="out/lora-demo", *, smoke: bool = False, say=_say) -> dict:
+def lora_demo(model=None, out="out/lora-demo", *, colour: str = LORA_COLOUR, smoke: bool = False,
+              say=_say) -> dict:
     from ..lora import apply_loras, load_lora, remove_loras
     from ..pipeline import load_pipeline
     from ..quality import adherence, benchmark_prompts, model_size
@@ -137,7 +152,7 @@ def lora_demo(model=None, out="out/lora-demo", *, smoke: bool = False, say=_say)
     pipe = load_pipeline(model, dtype=torch.float32)
     size = model_size(pipe)
     text_length = pipe.transformer.config["max_text_seq_length"]
-    train_combos, judged_combos = lora_split()
+    train_combos, judged_combos = lora_split(colour)
     base_combos = combos_for("train")
     rng = np.random.default_rng(7)
     if smoke:
@@ -152,26 +167,27 @@ def lora_demo(model=None, out="out/lora-demo", *, smoke: bool = False, say=_say)
         import shutil
 
         shutil.rmtree(data, ignore_errors=True)
-        write_clips(data / "purple", train_combos, per_combo, seed=11, size=size)
-        write_clips(data / "base", base_pick, 1, seed=12, size=size)
+        layout = model_layout(model)
+        write_clips(data / colour, train_combos, per_combo, seed=11, size=size, layout=layout)
+        write_clips(data / "base", base_pick, 1, seed=12, size=size, layout=layout)
         (data / "done").write_text("")
     dataset, _, scaling_factor = _prepare(data, out / "cache", model, text_length, size)
-    say(f"lora-demo: {len(dataset)} clips ({len(train_combos) * per_combo} purple, {n_base} ordinary)")
+    say(f"lora-demo: {len(dataset)} clips ({len(train_combos) * per_combo} {colour}, {n_base} ordinary)")
 
-    purple_prompts = [caption(c) for c in judged_combos] * math.ceil(n_prompts / len(judged_combos))
-    purple_prompts = purple_prompts[:n_prompts]
+    new_prompts = [caption(c) for c in judged_combos] * math.ceil(n_prompts / len(judged_combos))
+    new_prompts = new_prompts[:n_prompts]
     base_prompts = benchmark_prompts(n_prompts, "heldout", seed=0)
 
     def judge_all(tag: str) -> dict:
         res = {}
-        for name, prompts in (("purple", purple_prompts), ("heldout", base_prompts)):
+        for name, prompts in (("new", new_prompts), ("heldout", base_prompts)):
             r = adherence(pipe, prompts, sampler="ddim", steps=eval_steps, seed=0, size=size)
             res[name] = r.to_dict(with_verdicts=False)
             say(f"lora-demo {tag}: {name} prompts: adherence {r.rate('all'):.0%}, colour {r.rate('colour'):.0%}")
         return res
 
     before = judge_all("before")
-    lora_path = out / "purple.safetensors"
+    lora_path = out / f"{colour}.safetensors"
     transformer = pipe.transformer
     if not lora_path.is_file():
         settings = TrainSettings(steps=steps, rank=16, learning_rate=1e-3, batch_size=8, lr_schedule="cosine",
@@ -192,16 +208,16 @@ def lora_demo(model=None, out="out/lora-demo", *, smoke: bool = False, say=_say)
     apply_loras(transformer, [(load_lora(lora_path), 1.0)])  # as `generate --lora` applies it
     after = judge_all("after")
 
-    shown = purple_prompts[:4]
+    shown = new_prompts[:4]
     videos_after = _generate(pipe, shown, size)
     remove_loras(transformer)
     videos_before = _generate(pipe, shown, size)
-    numbers = (f"purple prompts, adherence: {before['purple']['all']:.0%} -> {after['purple']['all']:.0%} "
-               f"(colour {before['purple']['colour']:.0%} -> {after['purple']['colour']:.0%});  ordinary held-out "
+    numbers = (f"{colour} shapes, adherence: {before['new']['all']:.0%} -> {after['new']['all']:.0%} "
+               f"(colour {before['new']['colour']:.0%} -> {after['new']['colour']:.0%});  ordinary held-out "
                f"prompts: {before['heldout']['all']:.0%} -> {after['heldout']['all']:.0%}")
-    _lora_figure(shown, videos_before, videos_after, out / "lora_demo.png", numbers)
+    _lora_figure(shown, videos_before, videos_after, out / "lora_demo.png", numbers, colour)
     result = {"model": str(model), "lora": str(lora_path), "train_clips": len(dataset),
-              "purple_train_combos": len(train_combos), "purple_judged_combos": len(judged_combos),
+              "colour": colour, "train_combos": len(train_combos), "judged_combos": len(judged_combos),
               "steps": steps, "rank": 16, "sampler": "ddim", "eval_steps": eval_steps,
               "before": before, "after": after, "train_seconds": train_seconds,
               "seconds": round(time.perf_counter() - start, 1), "figure": str(out / "lora_demo.png")}

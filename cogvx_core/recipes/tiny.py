@@ -5,13 +5,16 @@ project's own code on synthetic clips (cogvx_core/synthetic.py), in one seeded c
 
 Stages (each one's output is kept in the work folder, so a re-run continues after the last finished stage):
   1. data         train clips (the training caption combinations) and held-out clips (combinations never trained),
-                  64x64, 9 frames (3 latent frames), written as PNG frame folders with captions
+                  64x64, 9 frames (3 latent frames), each path centred in the frame, written as PNG frame folders
+                  with captions
   2. text         a sentencepiece tokenizer trained on every caption word (the spare colour "purple" included, which
                   no training clip shows: the word a LoRA can teach later) and a small random T5 v1.1 encoder; it is
                   frozen, as CogVideoX keeps T5 frozen (distinct captions are already far apart: see `caption_spread`)
-  3. vae          the 3D causal VAE of the released architecture with narrow widths, trained by train/vae.py on L1 +
-                  MSE + a small KL (no GAN by default); its latent scale (1 / std of the latents) goes into its config
-  4. transformer  the expert transformer, 5b-style (3D RoPE), trained from scratch by the project's trainer
+  3. vae          the 3D causal VAE of the released architecture with narrow widths, trained by train/vae.py on
+                  MSE + a small KL (L1 and GAN terms exist, off here; the clips it learns from keep random
+                  positions); its latent scale (1 / std of the latents) goes into its config
+  4. transformer  the expert transformer (5b: 3D RoPE, with 5b-I2V's additive position table started as the 3D
+                  sin-cos table), trained from scratch by the project's trainer
                   (train/trainer.py, full fine-tuning mode) on the VAE latents and T5 embeddings it caches; a share of
                   the clips is also trained with the empty caption, so classifier-free guidance has an unconditional
                   branch to push away from
@@ -38,7 +41,8 @@ from typing import Callable
 import torch
 
 from ..errors import CogVXError
-from ..synthetic import COLOUR_NAMES, SPARE_COLOUR_NAMES, all_combos, caption, dataset_clips, make_dataset, render
+from ..synthetic import (COLOUR_NAMES, SPARE_COLOUR_NAMES, Clip, all_combos, caption, centred, dataset_clips,
+                         render)
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +74,9 @@ class TinyRecipe:
     width: int = 64
     train_clips: int = 1260  # 6 clips of each of the 210 training caption combinations
     heldout_clips: int = 54  # one per held-out combination (VAE PSNR and flicker)
+    # "centred": each clip's path centred in the frame (synthetic.centred), so a caption fixes the video up to its
+    # size and speed, which a model this small learns within the time budget; "random": free positions
+    layout: str = "centred"
     # text encoder (T5 v1.1 layout, random and frozen)
     t5: dict = field(default_factory=lambda: dict(d_model=64, d_kv=32, d_ff=128, num_layers=2, num_heads=2,
                                                   relative_attention_num_buckets=16,
@@ -79,14 +86,20 @@ class TinyRecipe:
     vae: dict = field(default_factory=lambda: dict(block_out_channels=[16, 16, 32, 32], layers_per_block=1,
                                                    norm_num_groups=8, latent_channels=16))
     vae_clips: int = 1260  # the first vae_clips training clips (the same clips the transformer learns from)
-    vae_train: dict = field(default_factory=lambda: dict(steps=3000, batch_size=4, learning_rate=1e-3,
-                                                         warmup_steps=100, crop=32, crop_steps=2400,
-                                                         kl_weight=1e-6, mixed_precision="bf16"))
-    # transformer (CogVideoXTransformer3DModel, 5b-style: 3D RoPE, no learned positions)
-    transformer: dict = field(default_factory=lambda: dict(num_attention_heads=3, attention_head_dim=64,
-                                                           num_layers=4, time_embed_dim=128))
-    transformer_train: dict = field(default_factory=lambda: dict(steps=4000, batch_size=16, learning_rate=1e-3,
-                                                                 lr_schedule="cosine", warmup_steps=100,
+    # MSE only (PSNR is MSE): an L1 term's constant pull on the flat background slowed the shapes (+1.3 dB at 4000
+    # steps without it). Most steps on 32x32 crops (a quarter of the cost), the last ones on whole frames.
+    vae_train: dict = field(default_factory=lambda: dict(steps=8000, batch_size=4, learning_rate=2e-3,
+                                                         warmup_steps=100, crop=32, crop_steps=7000,
+                                                         l1_weight=0.0, mse_weight=1.0, kl_weight=1e-6,
+                                                         mixed_precision="bf16"))
+    # transformer (CogVideoXTransformer3DModel, 5b: 3D RoPE), plus the additive position table the released 5b-I2V
+    # has, started as the 3D sin-cos table: with RoPE alone (relative positions) a model this small placed the shape
+    # nowhere in particular within the budget, and a centred path needs absolute positions
+    transformer: dict = field(default_factory=lambda: dict(num_attention_heads=4, attention_head_dim=32,
+                                                           num_layers=4, time_embed_dim=128,
+                                                           use_learned_positional_embeddings=True))
+    transformer_train: dict = field(default_factory=lambda: dict(steps=15000, batch_size=16, learning_rate=3e-3,
+                                                                 lr_schedule="cosine", warmup_steps=300,
                                                                  weight_decay=0.0, max_grad_norm=1.0,
                                                                  mixed_precision="no",
                                                                  gradient_checkpointing=False,
@@ -122,19 +135,77 @@ class TinyRecipe:
 # ---------------------------------------------------------------------------------------------------------------
 # Bookkeeping
 # ---------------------------------------------------------------------------------------------------------------
+STAGES = ("data", "text", "vae", "transformer")
+STAGE_OUTPUTS = {"data": ("data",), "text": ("text",), "vae": ("vae", "vae_checkpoints", "vae_report.json"),
+                 "transformer": ("transformer", "transformer_checkpoints", "transformer_report.json", "cache")}
+
+
+def stage_settings(r: "TinyRecipe", stage: str) -> dict:
+    """The settings a stage's result depends on (its own and its inputs'): a finished stage is reused only when
+    these are unchanged."""
+    base = {"seed": r.seed, "frames": r.frames, "height": r.height, "width": r.width}
+    own = {"data": {"train_clips": r.train_clips, "heldout_clips": r.heldout_clips, "layout": r.layout},
+           "text": {"t5": r.t5, "text_length": r.text_length},
+           "vae": {"vae": r.vae, "vae_clips": r.vae_clips, "vae_train": r.vae_train}}
+    if stage == "transformer":
+        deps = {k: v for name in ("data", "text", "vae") for k, v in own[name].items()}
+        own["transformer"] = {**deps, "transformer": r.transformer, "transformer_train": r.transformer_train,
+                              "empty_caption_share": r.empty_caption_share, "dtype": r.dtype}
+    return json.loads(json.dumps({**base, **own[stage]}))
+
+
 class StageClock:
-    """Wall and process-CPU seconds of each stage (CPU time shows the cost apart from other load on the machine)."""
+    """Runs the stages, keeping in <work>/stages.json each finished stage's settings and its wall and process-CPU
+    seconds (CPU time shows the cost apart from other load on the machine). A stage finished before with the same
+    settings is not run again and keeps its recorded time; one whose settings changed is removed and run again."""
 
-    def __init__(self, say: Callable[[str], None]):
-        self.say, self.times = say, {}
+    def __init__(self, work: Path, say: Callable[[str], None]):
+        self.work, self.file, self.say = work, work / "stages.json", say
+        self.done = json.loads(self.file.read_text()) if self.file.is_file() else {}
 
-    def run(self, name: str, fn, *args, **kwargs):
+    @property
+    def times(self) -> dict:
+        return {name: entry["times"] for name, entry in self.done.items()}
+
+    def run(self, name: str, settings: dict, fn, *args, **kwargs):
+        previous = self.done.get(name)
+        if previous is not None and previous["settings"] != settings:
+            self.say(f"[{name}] settings changed since the last run: redoing it")
+            for part in STAGE_OUTPUTS[name]:
+                path = self.work / part
+                shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+            self.done.pop(name)
+            if name != "transformer":  # everything after depends on it
+                self.done.pop("transformer", None)
+                for part in STAGE_OUTPUTS["transformer"]:
+                    path = self.work / part
+                    shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+        partial_file = self.work / f".{name}_partial.json"  # time spent by runs of this stage that were stopped
+        partial = json.loads(partial_file.read_text()) if partial_file.is_file() else {"wall_s": 0.0, "cpu_s": 0.0}
         wall, cpu = time.perf_counter(), time.process_time()
+
+        def spent() -> dict:
+            return {"wall_s": round(partial["wall_s"] + time.perf_counter() - wall, 1),
+                    "cpu_s": round(partial["cpu_s"] + time.process_time() - cpu, 1)}
+
         self.say(f"[{name}] ...")
-        result = fn(*args, **kwargs)
-        self.times[name] = {"wall_s": round(time.perf_counter() - wall, 1), "cpu_s": round(time.process_time() - cpu, 1)}
-        self.say(f"[{name}] done in {self.times[name]['wall_s']}s (cpu {self.times[name]['cpu_s']}s)")
+        try:
+            result = fn(*args, **kwargs)
+        except BaseException:  # interrupted: a later run continues from the stage's checkpoints, and its time adds
+            if name not in self.done:
+                _write_json(partial_file, spent())
+            raise
+        if name not in self.done:
+            self.done[name] = {"settings": settings, "times": spent()}
+            _write_json(self.file, self.done)
+            partial_file.unlink(missing_ok=True)
+        t = self.done[name]["times"]
+        self.say(f"[{name}] done: {t['wall_s']}s (cpu {t['cpu_s']}s)")
         return result
+
+    def total(self) -> dict:
+        return {"wall_s": round(sum(t["wall_s"] for t in self.times.values()), 1),
+                "cpu_s": round(sum(t["cpu_s"] for t in self.times.values()), 1), "threads": torch.get_num_threads()}
 
 
 def _say(message: str) -> None:
@@ -156,6 +227,28 @@ def all_captions() -> list[str]:
 # ---------------------------------------------------------------------------------------------------------------
 # 1. data
 # ---------------------------------------------------------------------------------------------------------------
+def recipe_clips(n: int, r: TinyRecipe, split: str) -> list[Clip]:
+    """The first n clips of a split: synthetic.dataset_clips, with each path centred in the frame when
+    r.layout == "centred" (size and speed stay random)."""
+    clips = dataset_clips(n, seed=r.seed, frames=r.frames, height=r.height, width=r.width, split=split)
+    return [centred(c) for c in clips] if r.layout == "centred" else clips
+
+
+def write_clips(folder: Path, clips: list[Clip]) -> None:
+    """PNG frame folders with captions (the trainer's layout) and clips.jsonl, as synthetic.make_dataset writes."""
+    from ..video_io import write_frames
+
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    lines = []
+    for i, clip in enumerate(clips):
+        name = f"{i:05d}"
+        write_frames(render(clip), folder / name, fps=8)
+        (folder / f"{name}.txt").write_text(caption(clip) + "\n", encoding="utf-8")
+        lines.append(json.dumps({"name": name, "caption": caption(clip), **clip.to_dict()}))
+    (folder / "clips.jsonl").write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+
+
 def make_data(r: TinyRecipe, work: Path) -> dict[str, Path]:
     folders = {"train": work / "data" / "train", "heldout": work / "data" / "heldout"}
     counts = {"train": r.train_clips, "heldout": r.heldout_clips}
@@ -163,15 +256,13 @@ def make_data(r: TinyRecipe, work: Path) -> dict[str, Path]:
         done = folder / "clips.jsonl"
         if done.is_file() and len(done.read_text().splitlines()) == counts[split]:
             continue
-        make_dataset(folder, counts[split], seed=r.seed, frames=r.frames, height=r.height, width=r.width,
-                     split=split)
+        write_clips(folder, recipe_clips(counts[split], r, split))
     return folders
 
 
 def render_clips(n: int, r: TinyRecipe, split: str) -> torch.Tensor:
     """The first n clips of a split, rendered in memory as uint8 (n, T, H, W, 3) (the same clips make_data writes)."""
-    clips = dataset_clips(n, seed=r.seed, frames=r.frames, height=r.height, width=r.width, split=split)
-    return torch.stack([render(c).mul(255).round().to(torch.uint8) for c in clips])
+    return torch.stack([render(c).mul(255).round().to(torch.uint8) for c in recipe_clips(n, r, split)])
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -278,8 +369,9 @@ def make_vae(r: TinyRecipe, work: Path, say=_say) -> Path:
     config = r.vae_config()
     torch.manual_seed(r.seed)
     vae = build_vae(config, device="cpu")
-    clips = render_clips(r.vae_clips, r, "train")
-    heldout = render_clips(min(r.heldout_clips, 16), r, "heldout")
+    # The VAE learns from the generator's clips as they are (random positions), whatever layout the transformer uses.
+    clips = render_clips(r.vae_clips, dataclasses.replace(r, layout="random"), "train")
+    heldout = render_clips(min(r.heldout_clips, 16), dataclasses.replace(r, layout="random"), "heldout")
     settings = VAETrainSettings(seed=r.seed, save_every=250, **r.vae_train)
     trainer = VAETrainer(vae, clips, settings, checkpoint_dir=work / "vae_checkpoints")
     start = trainer.resume() or 0
@@ -307,6 +399,7 @@ def make_vae(r: TinyRecipe, work: Path, say=_say) -> Path:
 def init_transformer(config: dict, seed: int):
     """A fresh transformer: torch's default initialisation, seeded, with every adaptive-norm modulation and the
     output projection zeroed (adaLN-Zero: each block starts as the identity, which trains faster from scratch)."""
+    from ..modules.embeddings import sincos_1d_table
     from ..transformer import build_transformer
 
     torch.manual_seed(seed)
@@ -320,6 +413,14 @@ def init_transformer(config: dict, seed: int):
         model.norm_out.linear.bias.zero_()
         model.proj_out.weight.zero_()
         model.proj_out.bias.zero_()
+        if config.get("use_learned_positional_embeddings"):
+            # Video rows: the 3D sin-cos table (2b's). Text rows (zero in 2b): 1D sin-cos of the token index, so the
+            # model can tell "a white square on a blue background" from "a blue square on a white background".
+            p, length = config["patch_size"], config["max_text_seq_length"]
+            grid = ((config["sample_frames"] - 1) // 4 + 1, config["sample_height"] // p, config["sample_width"] // p)
+            table = model._sincos(*grid, torch.device("cpu"))  # (text + video tokens, D), text rows 0
+            table[:length] = sincos_1d_table(table.shape[1], length).to(table.dtype)
+            model.patch_embed.pos_embedding.copy_(table[None])
     return model
 
 
@@ -434,20 +535,27 @@ def folder_size(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
 
 
-def build(out: str | Path, work: str | Path, recipe: TinyRecipe | None = None, say=_say) -> dict:
-    """Runs every stage; returns {"model": path, "times": per-stage seconds, "size_bytes": ...}."""
+def build(out: str | Path, work: str | Path, recipe: TinyRecipe | None = None, say=_say,
+          until: str = "transformer") -> dict:
+    """Runs every stage (up to `until`), then packages; returns {"model", "times", "size_bytes"}. A work folder of
+    an earlier run continues where that run stopped (stages whose settings changed are redone)."""
     r = recipe or TinyRecipe()
     out, work = Path(out), Path(work)
+    if until not in STAGES:
+        raise CogVXError(f"unknown stage {until!r}; choose one of: {', '.join(STAGES)}.")
     work.mkdir(parents=True, exist_ok=True)
-    clock = StageClock(say)
-    total_wall, total_cpu = time.perf_counter(), time.process_time()
-    folders = clock.run("data", make_data, r, work)
-    text = clock.run("text", make_text, r, work)
-    vae = clock.run("vae", make_vae, r, work, say)
-    clock.run("transformer", make_transformer, r, work, folders, vae, text, say)
-    times = dict(clock.times, total={"wall_s": round(time.perf_counter() - total_wall, 1),
-                                     "cpu_s": round(time.process_time() - total_cpu, 1),
-                                     "threads": torch.get_num_threads()})
+    clock = StageClock(work, say)
+    folders = clock.run("data", stage_settings(r, "data"), make_data, r, work)
+    if until == "data":
+        return {"work": str(work), "times": clock.times}
+    text = clock.run("text", stage_settings(r, "text"), make_text, r, work)
+    if until == "text":
+        return {"work": str(work), "times": clock.times}
+    vae = clock.run("vae", stage_settings(r, "vae"), make_vae, r, work, say)
+    if until == "vae":
+        return {"work": str(work), "times": clock.times}
+    clock.run("transformer", stage_settings(r, "transformer"), make_transformer, r, work, folders, vae, text, say)
+    times = dict(clock.times, total=clock.total())
     model = package(out, work, r, times)
     size = folder_size(model)
     say(f"wrote {model} ({size / 1e6:.2f} MB) in {times['total']['wall_s']}s")

@@ -58,7 +58,6 @@ class VAETrainSettings:
     gan_start: int = 0  # step at which the adversarial term switches on
     crop: int = 0  # spatial crop side (multiple of 8) for the first `crop_steps` steps; 0: whole frames
     crop_steps: int = 0
-    crop_candidates: int = 4  # each crop is the most varied of this many random ones (flat background teaches little)
     initial_logvar: float = -6.0  # posterior log-variance the encoder starts at (a fresh model only)
     mixed_precision: str = "bf16"  # "bf16" autocast or "no"
     seed: int = 0
@@ -170,18 +169,11 @@ class VAETrainer:
         return to_model_input(x)
 
     def _crop(self, clip: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-        """The most varied (pixel variance) of `crop_candidates` random crops of one clip (T, H, W, 3), on the
-        8-pixel grid of the latents."""
+        """A random crop of one clip (T, H, W, 3) on the 8-pixel grid of the latents."""
         c, (h, w) = self.settings.crop, clip.shape[1:3]
-        best, best_var = None, -1.0
-        for _ in range(max(1, self.settings.crop_candidates)):
-            top = int(torch.randint(0, (h - c) // 8 + 1, (), generator=g)) * 8
-            left = int(torch.randint(0, (w - c) // 8 + 1, (), generator=g)) * 8
-            crop = clip[:, top:top + c, left:left + c]
-            var = float(crop.float().var())
-            if var > best_var:
-                best, best_var = crop, var
-        return best
+        top = int(torch.randint(0, (h - c) // 8 + 1, (), generator=g)) * 8
+        left = int(torch.randint(0, (w - c) // 8 + 1, (), generator=g)) * 8
+        return clip[:, top:top + c, left:left + c]
 
     def _autocast(self):
         return torch.autocast("cpu" if self.vae.device.type == "cpu" else self.vae.device.type, dtype=torch.bfloat16,

@@ -35,6 +35,7 @@ if not COMFYUI_PATH or not COMFYUI_PYTHON:
                 "scripts/setup_comfyui_host.sh) to run the pack inside a real ComfyUI server", allow_module_level=True)
 
 from builders import randomize_, write_pipeline_folder  # noqa: E402
+from cogvx_core.models import builtin_models  # noqa: E402
 from tests.llm_fixtures import build_tiny_llm  # noqa: E402
 from tests.nodes.model_files import write_single_file_vae  # noqa: E402
 from tests.nodes.test_workflows import CORE_WIDGETS  # noqa: E402
@@ -195,8 +196,8 @@ def shrunk(path: Path, steps: int = 2) -> dict:
     prompt = json.loads(path.read_text())
     for node in prompt.values():
         inputs, cls = node["inputs"], node["class_type"]
-        if cls == "CogVXEmptyLatent":
-            inputs.update(frames=9, width=64, height=48)
+        if cls == "CogVXEmptyLatent" and inputs["width"] * inputs["height"] > 64 * 64:  # the built-in model's
+            inputs.update(frames=9, width=64, height=48)  # 64x64 (its position table's size) stays
         elif cls == "CogVXImageToVideo":
             inputs["frames"] = 9
             if inputs["variant"] == "5b-i2v":  # the small model's learned position table is for 192x128
@@ -234,7 +235,8 @@ def test_every_node_is_registered_with_its_inputs(server):
     for node_id in NODE_IDS:
         assert info[node_id]["category"].startswith("CogVX") and info[node_id]["display_name"].startswith("CogVX")
     required = info["CogVXModelLoader"]["input"]["required"]
-    assert required["model"][0] == sorted(FOLDERS) + ["cogvideox_5b_bf16.safetensors"]
+    builtin = ["cogvx-tiny (built in)"] if builtin_models() else []  # the shipped model comes first
+    assert required["model"][0] == builtin + sorted(FOLDERS) + ["cogvideox_5b_bf16.safetensors"]
     assert "cogvideox_vae.safetensors" in info["CogVXVAELoader"]["input"]["required"]["vae"][0]
     assert "t5xxl_fp16.safetensors" in info["CogVXT5Loader"]["input"]["required"]["t5"][0]
     assert "cogvx_rules" in info["CogVXEmptyLatent"]["input"]["required"]["variant"][1]

@@ -44,12 +44,16 @@ def test_own_types_only_for_the_model_objects():
 
 
 def test_choices_list_model_folders_and_single_files(models):
-    assert N["CogVXModelLoader"].INPUT_TYPES()["required"]["model"][0] == ["tiny-1.5-i2v", "tiny-5b",
-                                                                           "tiny_5b.safetensors"]
-    assert N["CogVXVAELoader"].INPUT_TYPES()["required"]["vae"][0] == ["tiny-1.5-i2v/vae", "tiny-5b/vae",
-                                                                       "tiny_vae.safetensors"]
-    assert N["CogVXT5Loader"].INPUT_TYPES()["required"]["t5"][0] == ["tiny-1.5-i2v/text_encoder",
-                                                                     "tiny-5b/text_encoder", "tiny_t5.safetensors"]
+    from cogvx_core.models import builtin_models
+
+    tiny = "cogvx-tiny (built in)"
+    first = [tiny] if builtin_models() else []  # the shipped model leads each list
+    assert N["CogVXModelLoader"].INPUT_TYPES()["required"]["model"][0] == first + ["tiny-1.5-i2v", "tiny-5b",
+                                                                                   "tiny_5b.safetensors"]
+    assert N["CogVXVAELoader"].INPUT_TYPES()["required"]["vae"][0] == [f"{t}/vae" for t in first] + [
+        "tiny-1.5-i2v/vae", "tiny-5b/vae", "tiny_vae.safetensors"]
+    assert N["CogVXT5Loader"].INPUT_TYPES()["required"]["t5"][0] == [f"{t}/text_encoder" for t in first] + [
+        "tiny-1.5-i2v/text_encoder", "tiny-5b/text_encoder", "tiny_t5.safetensors"]
 
 
 def test_single_files_load_the_same_models_as_the_folder(models):

@@ -15,7 +15,7 @@ from nodes import NODE_CLASS_MAPPINGS as N
 ROOT = Path(__file__).resolve().parents[2]
 API = sorted((ROOT / "workflows" / "api").glob("*.json"))
 EXPECTED = {"cogvx_t2v_2b", "cogvx_t2v_5b", "cogvx_t2v_1.5", "cogvx_i2v_5b", "cogvx_i2v_1.5", "cogvx_v2v_5b",
-            "cogvx_t2v_5b_caption", "train_lora"}
+            "cogvx_t2v_5b_caption", "train_lora", "cogvx_t2v_tiny"}
 # Core nodes: widget names in the order the frontend saves them ("upload" is LoadImage/LoadVideo's button), and
 # output types. The host test checks these against a real ComfyUI's /object_info.
 CORE_WIDGETS = {"LoadImage": ["image", "upload"], "LoadVideo": ["file", "upload"], "GetVideoComponents": [],

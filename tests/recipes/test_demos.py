@@ -7,7 +7,8 @@ import json
 import pytest
 
 from cogvx_core.recipes.demos import curve_variance, lora_demo, lora_split, moving_average, eus_ablation
-from cogvx_core.synthetic import combos_for
+from cogvx_core.errors import CogVXError
+from cogvx_core.synthetic import UNSEEN_SHAPE_COLOURS, all_combos, combos_for
 
 
 def test_curve_variance_measures_jitter_around_the_trend():
@@ -19,21 +20,30 @@ def test_curve_variance_measures_jitter_around_the_trend():
     assert moving_average([1.0, 2.0, 3.0], 3) == [1.5, 2.0, 2.5]
 
 
-def test_the_lora_split_keeps_judged_purple_combinations_out_of_training():
-    train, judged = lora_split()
-    assert set(train).isdisjoint(judged) and set(train) | set(judged) == set(combos_for("spare"))
-    assert all(c.colour == "purple" for c in train + judged) and len(judged) == 15
+@pytest.mark.parametrize("colour", ["black", "purple"])
+def test_the_lora_split_keeps_judged_combinations_out_of_training(colour):
+    train, judged = lora_split(colour)
+    assert set(train).isdisjoint(judged) and set(train) | set(judged) == set(all_combos((colour,)))
+    assert all(c.colour == colour and c.background != colour for c in train + judged)
+    assert len(judged) == len(train + judged) // 4
+    with pytest.raises(CogVXError, match="never drew"):
+        lora_split("red")  # the base model draws red shapes: nothing new to teach
+
+
+def test_no_base_clip_has_a_shape_of_a_colour_the_demo_teaches():
+    base = {c.colour for c in combos_for("train") + combos_for("heldout")}
+    assert base.isdisjoint(UNSEEN_SHAPE_COLOURS)
 
 
 def test_lora_demo_writes_its_lora_numbers_and_figure(smoke_model, tmp_path):
     model, _, _ = smoke_model
     result = lora_demo(model, tmp_path, smoke=True, say=lambda m: None)
-    assert (tmp_path / "purple.safetensors").is_file() and (tmp_path / "lora_demo.png").is_file()
+    assert (tmp_path / "black.safetensors").is_file() and (tmp_path / "lora_demo.png").is_file()
     saved = json.loads((tmp_path / "lora_demo.json").read_text())
     for when in ("before", "after"):
-        for prompts in ("purple", "heldout"):
+        for prompts in ("new", "heldout"):
             assert 0 <= saved[when][prompts]["all"] <= 1
-    assert result["purple_judged_combos"] == 2
+    assert result["colour"] == "black" and result["judged_combos"] == 2
 
 
 def test_eus_ablation_writes_curves_numbers_and_figure(smoke_model, tmp_path):

@@ -78,3 +78,43 @@ def test_diffusers_reads_the_folder_and_makes_the_same_video(smoke_model):
 def test_the_synthetic_palette_is_what_the_recipe_learns():
     # the recipe's vocabulary is the synthetic generator's: every colour word of a caption is a named colour
     assert all(w in PALETTE for c in all_captions() for w in (c.split()[1], c.split()[-2]))
+
+
+def test_a_stage_is_reused_while_its_settings_stand_and_redone_when_they_change(tmp_path):
+    import dataclasses
+
+    from cogvx_core.recipes.tiny import build
+
+    r = dataclasses.replace(TinyRecipe.smoke(), train_clips=3, heldout_clips=2, layout="random")
+    build(tmp_path / "m", tmp_path / "w", r, say=lambda m: None, until="text")
+    stages = json.loads((tmp_path / "w" / "stages.json").read_text())
+    assert set(stages) == {"data", "text"} and stages["data"]["settings"]["layout"] == "random"
+    first = (tmp_path / "w" / "data" / "train" / "clips.jsonl").read_text()
+    build(tmp_path / "m", tmp_path / "w", r, say=lambda m: None, until="text")  # nothing to do
+    assert json.loads((tmp_path / "w" / "stages.json").read_text()) == stages
+
+    said = []
+    build(tmp_path / "m", tmp_path / "w", dataclasses.replace(r, layout="centred"), say=said.append, until="text")
+    again = json.loads((tmp_path / "w" / "stages.json").read_text())
+    assert again["data"]["settings"]["layout"] == "centred" and again["text"] == stages["text"]
+    assert (tmp_path / "w" / "data" / "train" / "clips.jsonl").read_text() != first
+    assert any("settings changed" in m for m in said)
+
+
+def test_centred_layout_keeps_sizes_and_speeds_and_centres_the_path():
+    from cogvx_core.recipes.tiny import recipe_clips
+    from cogvx_core.synthetic import centres
+
+    r = TinyRecipe()
+    free = recipe_clips(12, r, "train")
+    centred = recipe_clips(12, dataclasses_replace(r, layout="centred"), "train")
+    for a, b in zip(free, centred):
+        assert (a.combo, a.size, a.speed) == (b.combo, b.size, b.speed)
+        middle = centres(b)[[0, -1]].mean(axis=0)
+        assert abs(middle[0] - 32) < 1e-6 and abs(middle[1] - 32) < 1e-6
+
+
+def dataclasses_replace(obj, **kw):
+    import dataclasses
+
+    return dataclasses.replace(obj, **kw)
