@@ -38,11 +38,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 
 from ..errors import CogVXError
-from ..synthetic import (COLOUR_NAMES, SPARE_COLOUR_NAMES, Clip, all_combos, caption, centred, dataset_clips,
-                         render)
+from ..synthetic import (COLOUR_NAMES, SPARE_COLOUR_NAMES, UNSEEN_SHAPE_COLOURS, Clip, all_combos, caption, centred,
+                         dataset_clips, random_clip, render)
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +87,9 @@ class TinyRecipe:
     vae: dict = field(default_factory=lambda: dict(block_out_channels=[16, 16, 32, 32], layers_per_block=1,
                                                    norm_num_groups=8, latent_channels=16))
     vae_clips: int = 1260  # the first vae_clips training clips (the same clips the transformer learns from)
+    # extra VAE clips with shapes of the colours no base clip has (black, gray, purple: synthetic.UNSEEN_SHAPE_COLOURS),
+    # so a LoRA can later teach them; the shipped model has none and cannot decode them (README)
+    vae_unseen_colour_clips: int = 0
     # MSE only (PSNR is MSE): an L1 term's constant pull on the flat background slowed the shapes (+1.3 dB at 4000
     # steps without it). Most steps on 32x32 crops (a quarter of the cost), the last ones on whole frames.
     vae_train: dict = field(default_factory=lambda: dict(steps=8000, batch_size=4, learning_rate=2e-3,
@@ -146,7 +150,8 @@ def stage_settings(r: "TinyRecipe", stage: str) -> dict:
     base = {"seed": r.seed, "frames": r.frames, "height": r.height, "width": r.width}
     own = {"data": {"train_clips": r.train_clips, "heldout_clips": r.heldout_clips, "layout": r.layout},
            "text": {"t5": r.t5, "text_length": r.text_length},
-           "vae": {"vae": r.vae, "vae_clips": r.vae_clips, "vae_train": r.vae_train}}
+           "vae": {"vae": r.vae, "vae_clips": r.vae_clips, "vae_train": r.vae_train,
+                   **({"vae_unseen_colour_clips": r.vae_unseen_colour_clips} if r.vae_unseen_colour_clips else {})}}
     if stage == "transformer":
         deps = {k: v for name in ("data", "text", "vae") for k, v in own[name].items()}
         own["transformer"] = {**deps, "transformer": r.transformer, "transformer_train": r.transformer_train,
@@ -359,6 +364,15 @@ def save_vae(vae, folder: Path, config: dict, dtype: torch.dtype) -> None:
     _write_json(folder / "config.json", config)
 
 
+def unseen_colour_clips(n: int, r: TinyRecipe) -> torch.Tensor:
+    """n clips (uint8 (n, T, H, W, 3), random positions) cycling through every combination of a shape colour no base
+    clip has; their own seed, apart from the data stage's."""
+    combos = all_combos(UNSEEN_SHAPE_COLOURS)
+    rng = np.random.default_rng([r.seed, 17])
+    clips = [random_clip(combos[i % len(combos)], rng, r.frames, r.height, r.width) for i in range(n)]
+    return torch.stack([render(c).mul(255).round().to(torch.uint8) for c in clips])
+
+
 def make_vae(r: TinyRecipe, work: Path, say=_say) -> Path:
     from ..train.vae import VAETrainer, VAETrainSettings, reconstruction_psnr
     from ..vae import build_vae
@@ -371,6 +385,8 @@ def make_vae(r: TinyRecipe, work: Path, say=_say) -> Path:
     vae = build_vae(config, device="cpu")
     # The VAE learns from the generator's clips as they are (random positions), whatever layout the transformer uses.
     clips = render_clips(r.vae_clips, dataclasses.replace(r, layout="random"), "train")
+    if r.vae_unseen_colour_clips:
+        clips = torch.cat([clips, unseen_colour_clips(r.vae_unseen_colour_clips, r)])
     heldout = render_clips(min(r.heldout_clips, 16), dataclasses.replace(r, layout="random"), "heldout")
     settings = VAETrainSettings(seed=r.seed, save_every=250, **r.vae_train)
     trainer = VAETrainer(vae, clips, settings, checkpoint_dir=work / "vae_checkpoints")

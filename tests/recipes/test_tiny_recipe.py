@@ -118,3 +118,20 @@ def dataclasses_replace(obj, **kw):
     import dataclasses
 
     return dataclasses.replace(obj, **kw)
+
+
+def test_unseen_colour_clips_for_the_vae_show_only_colours_no_base_clip_has():
+    import dataclasses
+
+    from cogvx_core.analysis import analyse
+    from cogvx_core.recipes.tiny import stage_settings, unseen_colour_clips
+    from cogvx_core.synthetic import UNSEEN_SHAPE_COLOURS
+
+    r = TinyRecipe()
+    clips = unseen_colour_clips(6, r)
+    assert clips.shape == (6, r.frames, r.height, r.width, 3) and clips.dtype == torch.uint8
+    assert all(analyse(c.float() / 255)["colour"] in UNSEEN_SHAPE_COLOURS for c in clips)
+    assert torch.equal(clips, unseen_colour_clips(6, r))  # seeded
+    # off by default, and then absent from the VAE stage's settings (a finished stage of the shipped recipe stands)
+    assert "vae_unseen_colour_clips" not in stage_settings(r, "vae")
+    assert stage_settings(dataclasses.replace(r, vae_unseen_colour_clips=8), "vae")["vae_unseen_colour_clips"] == 8
