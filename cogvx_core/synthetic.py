@@ -32,11 +32,9 @@ VAE round trip: `analysis` reads smaller shapes blurred by 4x4-pixel detail loss
 
 from __future__ import annotations
 
-import dataclasses
-
 import json
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import NamedTuple
 
@@ -267,7 +265,7 @@ def centred(clip: Clip) -> Clip:
     """The same clip (shape, colours, size, speed, direction) with its path centred in the frame: the start is what
     the path's length leaves, so the shape passes through the middle half-way through the clip."""
     dx, dy = DIRECTION_VECTORS[clip.direction]
-    return dataclasses.replace(clip, start=(0.5 - dx * clip.speed / 2, 0.5 - dy * clip.speed / 2))
+    return replace(clip, start=(0.5 - dx * clip.speed / 2, 0.5 - dy * clip.speed / 2))
 
 
 def dataset_clips(n: int, seed: int = 0, frames: int = 9, height: int = 64, width: int = 64,

@@ -97,18 +97,19 @@ def send(event: str, data: dict) -> None:
         pass
 
 
-# Model folders that ship inside the pack (cogvx_core/models), listed first under these names for the "cogvideox"
-# kind, so a fresh install runs the pack's workflows with no download.
-BUILTIN_MODELS: dict[str, Path] = {
-    "cogvx-tiny (built in)": Path(__file__).resolve().parent.parent / "cogvx_core" / "models" / "cogvx-tiny",
-}
+BUILTIN_SUFFIX = " (built in)"  # how the loaders name the models that ship in cogvx_core/models
 
 
 def builtin_models(folder: str) -> dict[str, Path]:
-    """The built-in model folders of a model kind that are present."""
+    """The built-in model folders present (listed first for the "cogvideox" kind, so a fresh install runs the
+    pack's workflows with no download), under the names the loaders show."""
     if folder != "cogvideox":
         return {}
-    return {name: path for name, path in BUILTIN_MODELS.items() if (path / "model_index.json").is_file()}
+    try:  # inside ComfyUI the core is a sibling sub-package
+        from ..cogvx_core.models import builtin_models as shipped
+    except ImportError:  # plain Python: the pack root is on sys.path
+        from cogvx_core.models import builtin_models as shipped
+    return {name + BUILTIN_SUFFIX: path for name, path in shipped().items()}
 
 
 def list_models(folder: str) -> list[str]:

@@ -11,7 +11,16 @@ sys.path.insert(0, str(ROOT))
 # The test models are tiny: one thread is fastest, and several OpenMP threads spin-wait badly whenever anything
 # else shares the CPU (a tiled VAE test: 0.4 s on one thread, 17 s on two under load). Subprocesses inherit this.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
-torch.set_num_threads(int(os.environ.get("COGVX_TEST_THREADS", "1")))
+TEST_THREADS = int(os.environ.get("COGVX_TEST_THREADS", "1"))
+torch.set_num_threads(TEST_THREADS)
+
+
+@pytest.fixture(autouse=True)
+def _test_threads():
+    """Every test starts with the configured thread count, whatever an earlier one (a benchmark command run
+    in-process) set."""
+    torch.set_num_threads(TEST_THREADS)
+    yield
 
 
 @pytest.fixture(autouse=True)

@@ -179,12 +179,7 @@ class StageClock:
             for part in STAGE_OUTPUTS[name]:
                 path = self.work / part
                 shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
-            self.done.pop(name)
-            if name != "transformer":  # everything after depends on it
-                self.done.pop("transformer", None)
-                for part in STAGE_OUTPUTS["transformer"]:
-                    path = self.work / part
-                    shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+            self.done.pop(name)  # (the transformer's settings include every earlier stage's: it follows suit)
         partial_file = self.work / f".{name}_partial.json"  # time spent by runs of this stage that were stopped
         partial = json.loads(partial_file.read_text()) if partial_file.is_file() else {"wall_s": 0.0, "cpu_s": 0.0}
         wall, cpu = time.perf_counter(), time.process_time()

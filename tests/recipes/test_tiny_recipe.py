@@ -135,3 +135,21 @@ def test_unseen_colour_clips_for_the_vae_show_only_colours_no_base_clip_has():
     # off by default, and then absent from the VAE stage's settings (a finished stage of the shipped recipe stands)
     assert "vae_unseen_colour_clips" not in stage_settings(r, "vae")
     assert stage_settings(dataclasses.replace(r, vae_unseen_colour_clips=8), "vae")["vae_unseen_colour_clips"] == 8
+
+
+def test_the_recipe_transformer_is_a_5b_t2v_with_a_sincos_started_position_table():
+    from cogvx_core.modules.embeddings import sincos_1d_table
+    from cogvx_core.recipes.tiny import init_transformer
+    from cogvx_core.variants import detect_variant
+
+    cfg = TinyRecipe().transformer_config()
+    assert cfg["use_learned_positional_embeddings"] and cfg["use_rotary_positional_embeddings"]
+    assert detect_variant(cfg).name == "5b"  # the table alone does not make it image-to-video
+    assert detect_variant({**cfg, "in_channels": 2 * cfg["out_channels"]}).name == "5b-i2v"
+    model = init_transformer(cfg, 0)
+    table = model.patch_embed.pos_embedding[0]  # (text + video tokens, D)
+    text = cfg["max_text_seq_length"]
+    torch.testing.assert_close(table[:text], sincos_1d_table(table.shape[1], text).float())
+    grid = ((cfg["sample_frames"] - 1) // 4 + 1, cfg["sample_height"] // 2, cfg["sample_width"] // 2)
+    torch.testing.assert_close(table[text:], model._sincos(*grid, torch.device("cpu"))[text:].float())
+    assert table[text:].abs().sum() > 0

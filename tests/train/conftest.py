@@ -14,14 +14,3 @@ def model_folder(tmp_path_factory):
         return made[variant]
 
     return get
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """The tiny models here gain nothing from threads, and a busy 2-core machine makes thread pools spin."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
