@@ -11,7 +11,7 @@ import json
 import sys
 from pathlib import Path
 
-from ..synthetic import UNSEEN_SHAPE_COLOURS
+from ..synthetic import SPARE_COLOUR_NAMES, UNSEEN_SHAPE_COLOURS
 
 HELP = "seeded training recipes: the built-in tiny model, the LoRA demonstration, the EUS ablation"
 
@@ -30,9 +30,9 @@ def add_arguments(p) -> None:
                           "by the project's trainer; adherence before and after")
     lora.add_argument("--model", help="base model folder (default: the built-in cogvx-tiny)")
     lora.add_argument("--out", default="out/lora-demo", help="output folder: LoRA, numbers, figure")
-    lora.add_argument("--colour", choices=list(UNSEEN_SHAPE_COLOURS), default="black",
-                      help="the shape colour to teach (default black: the base only has black backgrounds; the "
-                      "shipped VAE cannot decode purple)")
+    lora.add_argument("--colour", choices=list(UNSEEN_SHAPE_COLOURS), default=SPARE_COLOUR_NAMES[0],
+                      help="the shape colour to teach (default purple: a word no base clip has; black and gray "
+                      "are base words for backgrounds only)")
     lora.add_argument("--smoke", action="store_true", help="a toy-scale run (seconds)")
 
     eus = sub.add_parser("eus", help="the paper's Explicit Uniform Sampling ablation: loss-curve variance with and "

@@ -1,9 +1,10 @@
 """Two measured demonstrations on the built-in tiny model, each a seeded sub-command of `cogvx recipe`:
 
 lora-demo  A LoRA trained by the project's trainer (train/trainer.py, LoRA mode) teaches the base model a shape colour
-           it never drew: by default "black", a word the base only ever read as a background (no base clip has a
-           black shape); "purple" (in the tokenizer, in no base clip) can be asked for, but the shipped VAE never
-           saw purple and cannot decode it. The LoRA learns from clips of some caption combinations of that colour
+           it never drew: by default "purple", a word in the tokenizer that no base clip has; "black" and "gray"
+           (words the base only ever read as backgrounds) can be asked for too. The transformer never saw any of
+           them as a shape; the VAE did (recipes/tiny.py, vae_unseen_colour_clips), so it can decode what the LoRA
+           teaches. The LoRA learns from clips of some caption combinations of that colour
            (mixed 1:1 with ordinary clips, so other colours keep their meaning) and is judged on prompts of the
            other combinations, before and after, by the same analyser as `eval`; ordinary held-out prompts are
            judged with the LoRA on too (nothing else should break).
@@ -30,10 +31,11 @@ import torch
 from PIL import Image, ImageDraw
 
 from ..errors import CogVXError
-from ..synthetic import UNSEEN_SHAPE_COLOURS, Combo, all_combos, caption, centred, combos_for, random_clip, render
+from ..synthetic import (SPARE_COLOUR_NAMES, UNSEEN_SHAPE_COLOURS, Combo, all_combos, caption, centred, combos_for,
+                         random_clip, render)
 from .tiny import SCHEDULER_CONFIG, TinyRecipe, _say, _write_json, init_transformer
 
-LORA_COLOUR = "black"  # the default colour the LoRA teaches (see the module docstring)
+LORA_COLOUR = SPARE_COLOUR_NAMES[0]  # "purple", the default colour the LoRA teaches (see the module docstring)
 
 
 def _model_folder(model) -> Path:

@@ -12,7 +12,8 @@ Stages (each one's output is kept in the work folder, so a re-run continues afte
                   frozen, as CogVideoX keeps T5 frozen (distinct captions are already far apart: see `caption_spread`)
   3. vae          the 3D causal VAE of the released architecture with narrow widths, trained by train/vae.py on
                   MSE + a small KL (L1 and GAN terms exist, off here; the clips it learns from keep random
-                  positions); its latent scale (1 / std of the latents) goes into its config
+                  positions, plus clips of the shape colours no base clip has, so a LoRA's new colour decodes);
+                  its latent scale (1 / std of the latents) goes into its config
   4. transformer  the expert transformer (5b: 3D RoPE, with 5b-I2V's additive position table started as the 3D
                   sin-cos table), trained from scratch by the project's trainer
                   (train/trainer.py, full fine-tuning mode) on the VAE latents and T5 embeddings it caches; a share of
@@ -42,8 +43,8 @@ import numpy as np
 import torch
 
 from ..errors import CogVXError
-from ..synthetic import (COLOUR_NAMES, SPARE_COLOUR_NAMES, UNSEEN_SHAPE_COLOURS, Clip, all_combos, caption, centred,
-                         dataset_clips, random_clip, render)
+from ..synthetic import (COLOUR_NAMES, SIZES, SPARE_COLOUR_NAMES, UNSEEN_SHAPE_COLOURS, Clip, all_combos, caption,
+                         centred, dataset_clips, random_clip, render)
 
 log = logging.getLogger(__name__)
 
@@ -88,12 +89,12 @@ class TinyRecipe:
                                                    norm_num_groups=8, latent_channels=16))
     vae_clips: int = 1260  # the first vae_clips training clips (the same clips the transformer learns from)
     # extra VAE clips with shapes of the colours no base clip has (black, gray, purple: synthetic.UNSEEN_SHAPE_COLOURS),
-    # so a LoRA can later teach them; the shipped model has none and cannot decode them (README)
-    vae_unseen_colour_clips: int = 0
+    # so the VAE can decode the colour a LoRA later teaches the transformer (without them it could not: README)
+    vae_unseen_colour_clips: int = 300
     # MSE only (PSNR is MSE): an L1 term's constant pull on the flat background slowed the shapes (+1.3 dB at 4000
     # steps without it). Most steps on 32x32 crops (a quarter of the cost), the last ones on whole frames.
-    vae_train: dict = field(default_factory=lambda: dict(steps=8000, batch_size=4, learning_rate=2e-3,
-                                                         warmup_steps=100, crop=32, crop_steps=7000,
+    vae_train: dict = field(default_factory=lambda: dict(steps=10000, batch_size=4, learning_rate=2e-3,
+                                                         warmup_steps=100, crop=32, crop_steps=9500,
                                                          l1_weight=0.0, mse_weight=1.0, kl_weight=1e-6,
                                                          mixed_precision="bf16"))
     # transformer (CogVideoXTransformer3DModel, 5b: 3D RoPE), plus the additive position table the released 5b-I2V
@@ -102,7 +103,7 @@ class TinyRecipe:
     transformer: dict = field(default_factory=lambda: dict(num_attention_heads=4, attention_head_dim=32,
                                                            num_layers=4, time_embed_dim=128,
                                                            use_learned_positional_embeddings=True))
-    transformer_train: dict = field(default_factory=lambda: dict(steps=15000, batch_size=16, learning_rate=3e-3,
+    transformer_train: dict = field(default_factory=lambda: dict(steps=19000, batch_size=16, learning_rate=3e-3,
                                                                  lr_schedule="cosine", warmup_steps=300,
                                                                  weight_decay=0.0, max_grad_norm=1.0,
                                                                  mixed_precision="no",
@@ -114,7 +115,7 @@ class TinyRecipe:
     @classmethod
     def smoke(cls) -> "TinyRecipe":
         """The same stages at a toy scale (tests): a few clips, a few steps, the smallest widths."""
-        return cls(train_clips=24, heldout_clips=4, vae_clips=24,
+        return cls(train_clips=24, heldout_clips=4, vae_clips=24, vae_unseen_colour_clips=4,
                    vae=dict(block_out_channels=[16, 16, 16, 16], layers_per_block=1, norm_num_groups=8,
                             latent_channels=16),
                    vae_train=dict(steps=3, batch_size=2, learning_rate=1e-3, warmup_steps=1, crop=32, crop_steps=2,
@@ -147,7 +148,8 @@ STAGE_OUTPUTS = {"data": ("data",), "text": ("text",), "vae": ("vae", "vae_check
 def stage_settings(r: "TinyRecipe", stage: str) -> dict:
     """The settings a stage's result depends on (its own and its inputs'): a finished stage is reused only when
     these are unchanged."""
-    base = {"seed": r.seed, "frames": r.frames, "height": r.height, "width": r.width}
+    base = {"seed": r.seed, "frames": r.frames, "height": r.height, "width": r.width,
+            "shape_sizes": list(SIZES)}  # the generator's sizes: clips rendered before a change are stale
     own = {"data": {"train_clips": r.train_clips, "heldout_clips": r.heldout_clips, "layout": r.layout},
            "text": {"t5": r.t5, "text_length": r.text_length},
            "vae": {"vae": r.vae, "vae_clips": r.vae_clips, "vae_train": r.vae_train,

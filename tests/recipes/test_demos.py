@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from cogvx_core.recipes.demos import curve_variance, lora_demo, lora_split, moving_average, eus_ablation
+from cogvx_core.recipes.demos import LORA_COLOUR, curve_variance, eus_ablation, lora_demo, lora_split, moving_average
 from cogvx_core.errors import CogVXError
 from cogvx_core.synthetic import UNSEEN_SHAPE_COLOURS, all_combos, combos_for
 
@@ -38,12 +38,12 @@ def test_no_base_clip_has_a_shape_of_a_colour_the_demo_teaches():
 def test_lora_demo_writes_its_lora_numbers_and_figure(smoke_model, tmp_path):
     model, _, _ = smoke_model
     result = lora_demo(model, tmp_path, smoke=True, say=lambda m: None)
-    assert (tmp_path / "black.safetensors").is_file() and (tmp_path / "lora_demo.png").is_file()
+    assert (tmp_path / f"{LORA_COLOUR}.safetensors").is_file() and (tmp_path / "lora_demo.png").is_file()
     saved = json.loads((tmp_path / "lora_demo.json").read_text())
     for when in ("before", "after"):
         for prompts in ("new", "heldout"):
             assert 0 <= saved[when][prompts]["all"] <= 1
-    assert result["colour"] == "black" and result["judged_combos"] == 2
+    assert result["colour"] == LORA_COLOUR == "purple" and result["judged_combos"] == 2
 
 
 def test_eus_ablation_writes_curves_numbers_and_figure(smoke_model, tmp_path):
