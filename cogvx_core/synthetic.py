@@ -27,7 +27,7 @@ start that keeps the shape fully inside the frame for the whole clip: sizes 0.35
 speed the shape's size leaves no room for is slowed down to fit).
 Frames are rendered with 8x8 supersampling, so edges are anti-aliased and sub-pixel motion is smooth.
 
-Keep shapes at least ~16 pixels wide (64x64 frames or larger at these sizes) when the output will be judged after a
+Keep shapes at least ~16 pixels wide (48x48 frames or larger at these sizes) when the output will be judged after a
 VAE round trip: `analysis` reads smaller shapes blurred by 4x4-pixel detail loss less reliably.
 """
 
