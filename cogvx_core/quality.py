@@ -23,7 +23,7 @@ import torch
 
 from .analysis import flicker, judge
 from .errors import CogVXError
-from .synthetic import SPLITS, caption, combos_for, dataset_clips, render
+from .synthetic import SPLITS, caption, combos_for, dataset_clips, render_uint8
 
 ATTRIBUTES = ("colour", "shape", "direction", "background", "all")
 
@@ -106,7 +106,7 @@ def heldout_clips(n: int, size: tuple[int, int, int], seed: int = 1) -> torch.Te
     recipe's seed-0 data."""
     frames, height, width = size
     clips = dataset_clips(n, seed=seed, frames=frames, height=height, width=width, split="heldout")
-    return torch.stack([render(c).mul(255).round().to(torch.uint8) for c in clips])
+    return render_uint8(clips)
 
 
 def vae_quality(vae, clips: torch.Tensor, batch_size: int = 4) -> dict:

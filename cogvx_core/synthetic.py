@@ -237,6 +237,10 @@ def render(clip: Clip) -> torch.Tensor:
     return torch.from_numpy(frames)
 
 
+def render_uint8(clips: list[Clip]) -> torch.Tensor:
+    """Several clips rendered as uint8 (N, T, H, W, 3), the way a video file stores them (what the VAE trains on)."""
+    return torch.stack([render(c).mul(255).round().to(torch.uint8) for c in clips])
+
 def random_clip(combo: Combo, rng: np.random.Generator, frames: int = 9, height: int = 64,
                 width: int = 64) -> Clip:
     """A clip of `combo` with a random size, speed and start that keep the shape fully visible throughout."""

@@ -44,7 +44,7 @@ import torch
 
 from ..errors import CogVXError
 from ..synthetic import (COLOUR_NAMES, SIZES, SPARE_COLOUR_NAMES, UNSEEN_SHAPE_COLOURS, Clip, all_combos, caption,
-                         centred, dataset_clips, random_clip, render)
+                         centred, dataset_clips, random_clip, render, render_uint8)
 
 log = logging.getLogger(__name__)
 
@@ -153,7 +153,7 @@ def stage_settings(r: "TinyRecipe", stage: str) -> dict:
     own = {"data": {"train_clips": r.train_clips, "heldout_clips": r.heldout_clips, "layout": r.layout},
            "text": {"t5": r.t5, "text_length": r.text_length},
            "vae": {"vae": r.vae, "vae_clips": r.vae_clips, "vae_train": r.vae_train,
-                   **({"vae_unseen_colour_clips": r.vae_unseen_colour_clips} if r.vae_unseen_colour_clips else {})}}
+                   "vae_unseen_colour_clips": r.vae_unseen_colour_clips}}
     if stage == "transformer":
         deps = {k: v for name in ("data", "text", "vae") for k, v in own[name].items()}
         own["transformer"] = {**deps, "transformer": r.transformer, "transformer_train": r.transformer_train,
@@ -264,7 +264,7 @@ def make_data(r: TinyRecipe, work: Path) -> dict[str, Path]:
 
 def render_clips(n: int, r: TinyRecipe, split: str) -> torch.Tensor:
     """The first n clips of a split, rendered in memory as uint8 (n, T, H, W, 3) (the same clips make_data writes)."""
-    return torch.stack([render(c).mul(255).round().to(torch.uint8) for c in recipe_clips(n, r, split)])
+    return render_uint8(recipe_clips(n, r, split))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -367,7 +367,7 @@ def unseen_colour_clips(n: int, r: TinyRecipe) -> torch.Tensor:
     combos = all_combos(UNSEEN_SHAPE_COLOURS)
     rng = np.random.default_rng([r.seed, 17])
     clips = [random_clip(combos[i % len(combos)], rng, r.frames, r.height, r.width) for i in range(n)]
-    return torch.stack([render(c).mul(255).round().to(torch.uint8) for c in clips])
+    return render_uint8(clips)
 
 
 def make_vae(r: TinyRecipe, work: Path, say=_say) -> Path:

@@ -132,9 +132,10 @@ def test_unseen_colour_clips_for_the_vae_show_only_colours_no_base_clip_has():
     assert clips.shape == (6, r.frames, r.height, r.width, 3) and clips.dtype == torch.uint8
     assert all(analyse(c.float() / 255)["colour"] in UNSEEN_SHAPE_COLOURS for c in clips)
     assert torch.equal(clips, unseen_colour_clips(6, r))  # seeded
-    # part of the VAE stage's settings when there are any (a change redoes the stage), absent when off
-    assert stage_settings(r, "vae")["vae_unseen_colour_clips"] == r.vae_unseen_colour_clips > 0
-    assert "vae_unseen_colour_clips" not in stage_settings(dataclasses.replace(r, vae_unseen_colour_clips=0), "vae")
+    # part of the VAE stage's settings (a change redoes the VAE, and so the transformer)
+    fewer = dataclasses.replace(r, vae_unseen_colour_clips=8)
+    assert stage_settings(fewer, "vae") != stage_settings(r, "vae")
+    assert stage_settings(fewer, "transformer") != stage_settings(r, "transformer")
 
 
 def test_the_recipe_transformer_is_a_5b_t2v_with_a_sincos_started_position_table():
