@@ -40,6 +40,9 @@ log = logging.getLogger(__name__)
 DEFAULT_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 TRAINABLE = ("trainable",)  # the key of the one trainable adapter per layer
 FORMAT_VERSION = "1"
+# the metadata keys save_lora writes itself
+WRITTEN_KEYS = frozenset({"format", "lora_adapter_metadata", "cogvx.format_version", "cogvx.rank", "cogvx.alpha",
+                          "cogvx.targets", "cogvx.base_variant"})
 _MAX_LISTED = 20
 
 
@@ -306,6 +309,14 @@ def remove_loras(model: nn.Module, *, trainable: bool = True) -> None:
             _set_adapters(layer, [a for a in adapters if a.trainable and not trainable])
 
 
+def remove_trainable_lora(model: nn.Module) -> None:
+    """Takes the trainable LoRA off the model for good (applied LoRAs stay)."""
+    for layer in lora_layers(model).values():
+        adapters = _adapters(layer)
+        if any(a.trainable for a in adapters):
+            _set_adapters(layer, [a for a in adapters if not a.trainable])
+
+
 def applied_loras(model: nn.Module) -> list[tuple[str, float]]:
     """[(name, strength)] of the LoRAs on the model (trainable one included), in the order applied."""
     found: dict[tuple, tuple[str, float]] = {}
@@ -410,7 +421,8 @@ def save_lora(path: str | os.PathLike, model_or_state: nn.Module | Lora | dict[s
     (with or without the `transformer.` prefix; alpha from `alpha`, else alpha = rank).
     The metadata holds the peft config diffusers reads back (`lora_adapter_metadata`: r, lora_alpha, target_modules,
     per-layer patterns), so `CogVideoXPipeline.load_lora_weights` applies the same scale for any alpha, and
-    `cogvx.rank`, `cogvx.alpha`, `cogvx.targets`, `cogvx.base_variant` plus `extra_metadata`.
+    `cogvx.rank`, `cogvx.alpha`, `cogvx.targets`, `cogvx.base_variant` plus `extra_metadata`. A Lora's own `cogvx.*`
+    metadata (training settings, steps) is kept, save_lora's own keys rewritten.
     """
     path = Path(path)
     if path.suffix.lower() != ".safetensors":
@@ -424,6 +436,8 @@ def save_lora(path: str | os.PathLike, model_or_state: nn.Module | Lora | dict[s
     elif isinstance(model_or_state, Lora):
         specs = {n: (s.down, s.up, s.alpha) for n, s in model_or_state.layers.items()}
         variant = variant or model_or_state.metadata.get("cogvx.base_variant")
+        kept = {k: v for k, v in model_or_state.metadata.items() if k.startswith("cogvx.") and k not in WRITTEN_KEYS}
+        extra_metadata = {**kept, **(extra_metadata or {})}
     elif isinstance(model_or_state, dict):
         state = {k[len("transformer."):] if k.startswith("transformer.") else k: v for k, v in model_or_state.items()}
         lora = lora_from_state_dict(state, {"lora_alpha": str(alpha)} if alpha is not None else None)

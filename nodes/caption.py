@@ -9,12 +9,7 @@ from __future__ import annotations
 
 import os
 
-try:  # inside ComfyUI the pack is one package: the core is a sibling sub-package
-    from ..cogvx_core import caption
-    from ..cogvx_core.errors import CogVXError
-except ImportError:  # plain Python (tests, scripts): the pack root is on sys.path
-    from cogvx_core import caption
-    from cogvx_core.errors import CogVXError
+from .core import caption, CogVXError
 
 from . import host
 

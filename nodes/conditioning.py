@@ -11,16 +11,16 @@ from __future__ import annotations
 import torch
 from PIL import Image
 
-try:
-    from ..cogvx_core.errors import CogVXError
-    from ..cogvx_core.pipeline import is_released_size
-    from ..cogvx_core.variants import VARIANTS, get_variant, snap_request
-    from ..cogvx_core.video_io import frames_to_model_input, pil_to_model_input, to_uint8
-except ImportError:
-    from cogvx_core.errors import CogVXError
-    from cogvx_core.pipeline import is_released_size
-    from cogvx_core.variants import VARIANTS, get_variant, snap_request
-    from cogvx_core.video_io import frames_to_model_input, pil_to_model_input, to_uint8
+from .core import (
+    CogVXError,
+    frames_to_model_input,
+    get_variant,
+    is_released_size,
+    pil_to_model_input,
+    snap_request,
+    to_uint8,
+    VARIANTS,
+)
 
 from . import host
 from .vae_run import Tiling, run

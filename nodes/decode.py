@@ -4,10 +4,7 @@ from __future__ import annotations
 
 import torch
 
-try:
-    from ..cogvx_core.errors import CogVXError
-except ImportError:
-    from cogvx_core.errors import CogVXError
+from .core import CogVXError
 
 from . import host
 from .vae_run import TILING_MODES, Tiling, run

@@ -105,10 +105,8 @@ def builtin_models(folder: str) -> dict[str, Path]:
     pack's workflows with no download), under the names the loaders show."""
     if folder != "cogvideox":
         return {}
-    try:  # inside ComfyUI the core is a sibling sub-package
-        from ..cogvx_core.models import builtin_models as shipped
-    except ImportError:  # plain Python: the pack root is on sys.path
-        from cogvx_core.models import builtin_models as shipped
+    from .core import builtin_models as shipped
+
     return {name + BUILTIN_SUFFIX: path for name, path in shipped().items()}
 
 

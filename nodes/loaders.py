@@ -21,22 +21,18 @@ from pathlib import Path
 
 import torch
 
-try:  # inside ComfyUI the pack is one package: the core is a sibling sub-package
-    from ..cogvx_core.checkpoints.transformer import load_transformer
-    from ..cogvx_core.errors import CogVXError
-    from ..cogvx_core.modules.attention import available_attention_backends
-    from ..cogvx_core.schedule import NoiseSchedule
-    from ..cogvx_core.text import DEFAULT_MAX_LENGTH, TextEncoder, load_text_encoder
-    from ..cogvx_core.transformer import CogVideoXTransformer
-    from ..cogvx_core.variants import Variant
-except ImportError:  # plain Python (tests, scripts): the pack root is on sys.path
-    from cogvx_core.checkpoints.transformer import load_transformer
-    from cogvx_core.errors import CogVXError
-    from cogvx_core.modules.attention import available_attention_backends
-    from cogvx_core.schedule import NoiseSchedule
-    from cogvx_core.text import DEFAULT_MAX_LENGTH, TextEncoder, load_text_encoder
-    from cogvx_core.transformer import CogVideoXTransformer
-    from cogvx_core.variants import Variant
+from .core import (
+    available_attention_backends,
+    CogVideoXTransformer,
+    CogVXError,
+    DEFAULT_MAX_LENGTH,
+    load_text_encoder,
+    load_transformer,
+    load_vae,
+    NoiseSchedule,
+    TextEncoder,
+    Variant,
+)
 
 from . import host, preview
 
@@ -241,11 +237,6 @@ class CogVXVAELoader:
         return _choice_fingerprint(vae, "vae")
 
     def load(self, vae, dtype="auto"):
-        try:
-            from ..cogvx_core.checkpoints.vae import load_vae
-        except ImportError:
-            from cogvx_core.checkpoints.vae import load_vae
-
         path = resolve(vae, "vae")
         device, offload = host.devices("vae")
         if dtype == "auto":

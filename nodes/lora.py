@@ -9,10 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 
-try:  # inside ComfyUI the pack is one package: the core is a sibling sub-package
-    from ..cogvx_core.lora import load_lora
-except ImportError:  # plain Python (tests, scripts)
-    from cogvx_core.lora import load_lora
+from .core import load_lora
 
 from . import host
 

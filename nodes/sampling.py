@@ -12,20 +12,17 @@ import logging
 
 import torch
 
-try:
-    from ..cogvx_core.errors import CogVXError
-    from ..cogvx_core.lora import applied_loras, apply_loras
-    from ..cogvx_core.pipeline import denoise as run_denoise, latent_shape
-    from ..cogvx_core.samplers import SAMPLERS, randn_like_reference
-    from ..cogvx_core.text import fit_context
-    from ..cogvx_core.vae import DiagonalGaussian
-except ImportError:
-    from cogvx_core.errors import CogVXError
-    from cogvx_core.lora import applied_loras, apply_loras
-    from cogvx_core.pipeline import denoise as run_denoise, latent_shape
-    from cogvx_core.samplers import SAMPLERS, randn_like_reference
-    from cogvx_core.text import fit_context
-    from cogvx_core.vae import DiagonalGaussian
+from .core import (
+    applied_loras,
+    apply_loras,
+    CogVXError,
+    DiagonalGaussian,
+    fit_context,
+    latent_shape,
+    randn_like_reference,
+    run_denoise,
+    SAMPLERS,
+)
 
 from . import host, preview
 

@@ -25,26 +25,24 @@ from pathlib import Path
 import numpy as np
 import torch
 
-try:  # inside ComfyUI the pack is one package: the core is a sibling sub-package
-    from ..cogvx_core.checkpoints.lora import Lora
-    from ..cogvx_core.errors import CogVXError
-    from ..cogvx_core.lora import DEFAULT_TARGETS, _adapters, _set_adapters, lora_layers, save_lora
-    from ..cogvx_core.train import ddp
-    from ..cogvx_core.train.buckets import make_buckets, parse_resolutions
-    from ..cogvx_core.train.dataset import CogVXDataset as Dataset, prepare_dataset, scan_folder
-    from ..cogvx_core.train.estimate import estimate
-    from ..cogvx_core.train.plot import loss_chart
-    from ..cogvx_core.train.trainer import Trainer, TrainSettings, clear_checkpoints
-except ImportError:  # plain Python (tests, scripts): the pack root is on sys.path
-    from cogvx_core.checkpoints.lora import Lora
-    from cogvx_core.errors import CogVXError
-    from cogvx_core.lora import DEFAULT_TARGETS, _adapters, _set_adapters, lora_layers, save_lora
-    from cogvx_core.train import ddp
-    from cogvx_core.train.buckets import make_buckets, parse_resolutions
-    from cogvx_core.train.dataset import CogVXDataset as Dataset, prepare_dataset, scan_folder
-    from cogvx_core.train.estimate import estimate
-    from cogvx_core.train.plot import loss_chart
-    from cogvx_core.train.trainer import Trainer, TrainSettings, clear_checkpoints
+from .core import (
+    clear_checkpoints,
+    CogVXError,
+    ddp,
+    DEFAULT_TARGETS,
+    estimate,
+    Lora,
+    loss_chart,
+    make_buckets,
+    parse_resolutions,
+    prepare_dataset,
+    remove_trainable_lora,
+    save_lora,
+    scan_folder,
+    Trainer,
+    TrainingDataset,
+    TrainSettings,
+)
 
 from . import host
 
@@ -161,10 +159,7 @@ _SESSIONS: dict[str, _Session] = {}  # node id -> its trainer, kept between queu
 def _remove_trainable(trainer: Trainer) -> None:
     """Takes the trainer's LoRA off the shared model for good (other LoRAs stay)."""
     trainer.deactivate()
-    for layer in lora_layers(trainer.transformer).values():
-        adapters = _adapters(layer)
-        if any(a.trainable for a in adapters):
-            _set_adapters(layer, [a for a in adapters if not a.trainable])
+    remove_trainable_lora(trainer.transformer)
 
 
 def drop_session(node_id: str) -> None:
@@ -229,7 +224,7 @@ class CogVXTrainLora:
     def IS_CHANGED(cls, **_):
         return float("nan")  # never cached: each queue run trains on
 
-    def train(self, model, dataset: Dataset, steps_per_run, total_steps, rank, alpha, learning_rate, seed,
+    def train(self, model, dataset: TrainingDataset, steps_per_run, total_steps, rank, alpha, learning_rate, seed,
               batch_size=1, lr_schedule="constant", warmup_steps=0, targets=",".join(DEFAULT_TARGETS),
               gradient_checkpointing=True, mixed_precision="bf16", timestep_sampling="explicit", frame_pack=True,
               validation_every=0, checkpoint_dir="", save_every=0, restart=False, unique_id=None):
@@ -335,10 +330,6 @@ class CogVXTrainLora:
 # ---------------------------------------------------------------------------------------------------------------
 # Saving and plotting
 # ---------------------------------------------------------------------------------------------------------------
-_RESERVED = {"format", "lora_adapter_metadata", "cogvx.format_version", "cogvx.rank", "cogvx.alpha", "cogvx.targets",
-             "cogvx.base_variant"}
-
-
 class CogVXSaveLora:
     """Writes a LoRA into the loras model folder (diffusers/peft layout, loadable by diffusers and the LoRA nodes)."""
 
@@ -370,8 +361,7 @@ class CogVXSaveLora:
         pattern = re.compile(re.escape(f"{stem}_{steps}steps_") + r"(\d+)\.safetensors$")
         taken = [int(m.group(1)) for p in target_dir.iterdir() if (m := pattern.match(p.name))]
         path = target_dir / f"{stem}_{steps}steps_{max(taken, default=0) + 1:05d}.safetensors"
-        extra = {k: v for k, v in lora.metadata.items() if k.startswith("cogvx.") and k not in _RESERVED}
-        save_lora(path, lora, extra_metadata=extra)
+        save_lora(path, lora)  # keeps the LoRA's training metadata
         shown = os.path.relpath(path, folder)
         return {"ui": {"text": [f"saved loras/{shown}"]}}
 

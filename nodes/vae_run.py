@@ -13,10 +13,7 @@ from typing import Callable
 
 import torch
 
-try:
-    from ..cogvx_core.errors import CogVXError
-except ImportError:
-    from cogvx_core.errors import CogVXError
+from .core import CogVXError
 
 from . import host
 
