@@ -2,11 +2,15 @@
 
 Each step follows the reference pipelines (diffusers' CogVideoX, CogVideoXImageToVideo and CogVideoXVideoToVideo)
 closely enough that the same seed, prompt and settings give the same video, including the order of random draws:
-for image- and video-to-video the VAE posterior sample is drawn before the noise. The pieces are functions so that
-hosts (the ComfyUI nodes) can run them one at a time.
+for image- and video-to-video the VAE posterior sample is drawn before the noise. The steps are public functions so
+that hosts (the ComfyUI nodes) run exactly the same ones, one node at a time:
+
+    encode_moments (VAE)  ->  prepare_latents (every random draw)  ->  denoise  ->  to_raw  ->  decode
 
 Latent conventions: "raw" latents are what the VAE encoder makes; the transformer works on "model" latents, raw
-times the scaling factor (1.5-I2V's image latents are raw divided by it, as the model was trained).
+times the scaling factor (1.5-I2V's image latents are raw divided by it, as the model was trained). Encoded images
+and videos travel as the encoder's posterior moments (B, 2C, t, h, w) so that the sample is drawn from the run's own
+generator, at the reference's place in the order.
 """
 
 from __future__ import annotations
@@ -19,14 +23,19 @@ from typing import Callable
 import torch
 
 from .errors import CancelledError, CheckpointError, CogVXError
-from .samplers import SAMPLERS, randn_like_reference, sample
+from .noise import randn_like_reference
+from .samplers import SAMPLERS, sample
 from .schedule import NoiseSchedule
 from .transformer import CogVideoXTransformer
-from .variants import Variant, snap_request
+from .vae import DiagonalGaussian, Tiling
+from .variants import Variant, latent_frames, pixel_frames, snap_request
+from .video_io import model_output_to_frames
 
 log = logging.getLogger(__name__)
 
 Progress = Callable[[int, int], None]  # (done, total)
+# on_step(step_index, num_steps, latents, x0): model-scale latents (B, C, T + pad, h, w); may raise to cancel
+StepCallback = Callable[[int, int, torch.Tensor, torch.Tensor], None]
 
 
 @dataclass
@@ -39,6 +48,16 @@ class Generation:
     height: int
     width: int
     notes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class PreparedLatents:
+    """Where sampling starts: every random draw of a run but the sampler's own, made in the reference's order."""
+
+    latents: torch.Tensor  # (B, C, T + pad, h, w) model scale: pure noise, or the noised input video
+    image_latents: torch.Tensor | None  # (B, C, T + pad, h, w) model-scale image conditioning (I2V), else None
+    timesteps: torch.Tensor  # the steps to run (the last ones only, for video-to-video)
+    pad: int  # latent frames padded at the front (1.5 patches pairs of frames); to_raw drops them
 
 
 def scaling(vae, variant: Variant) -> tuple[float, bool]:
@@ -55,38 +74,123 @@ def is_released_size(transformer: CogVideoXTransformer) -> bool:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Pieces
+# Steps
 # ---------------------------------------------------------------------------------------------------------------
 def latent_shape(transformer: CogVideoXTransformer, batch: int, frames: int, height: int, width: int
                  ) -> tuple[tuple[int, int, int, int, int], int]:
-    """Noise shape (B, 16, T, h, w) and the count of padding latent frames at the front (1.5 wants even T)."""
-    lat_t = (frames - 1) // 4 + 1
+    """Noise shape (B, C, T + pad, h, w) for `frames` pixel frames of height x width, and the count of padding latent
+    frames at the front (1.5 patches two latent frames together, so it wants an even count)."""
+    lat_t = latent_frames(frames)
     pad = (transformer.patch_size_t - lat_t % transformer.patch_size_t) % transformer.patch_size_t
-    channels = transformer.config["out_channels"]
-    return (batch, channels, lat_t + pad, height // 8, width // 8), pad
+    return (batch, transformer.out_channels, lat_t + pad, height // 8, width // 8), pad
 
 
-def encode_condition(vae, pixels: torch.Tensor, generator: torch.Generator | None, dtype: torch.dtype,
-                     progress: Progress | None = None) -> torch.Tensor:
-    """Raw latents sampled from the VAE posterior, one batch item at a time (the reference's RNG order).
+def encode_moments(vae, pixels: torch.Tensor, *, tiling: Tiling | None = None,
+                   progress: Progress | None = None) -> torch.Tensor:
+    """The VAE posterior's moments (B, 2C, t, h, w) of pixels (B, 3, T, H, W) in [-1, 1], one video at a time as the
+    reference encodes them. No random draw: prepare_latents samples them."""
+    return torch.cat([vae.encode_posterior(p[None].to(vae.device, vae.dtype), tiling=tiling,
+                                           progress=progress).parameters for p in pixels])
 
-    pixels: (B, 3, T, H, W) in [-1, 1] -> (B, 16, t, h, w) in `dtype`.
+
+def posterior_sample(encoded: torch.Tensor, generator: torch.Generator | None, latent_channels: int,
+                     device: torch.device | str | None = None) -> torch.Tensor:
+    """Raw latents (B, C, t, h, w) of an encoded image or video, on `device`.
+
+    Posterior moments (B, 2C, t, h, w) are sampled one batch item at a time from `generator` (the reference's order);
+    latents without moments (B, C, t, h, w), e.g. from another pack's VAE node, are taken as they are.
     """
-    latents = [vae.encode_posterior(p[None].to(vae.device, vae.dtype), progress=progress).sample(generator)
-               for p in pixels]
-    return torch.cat(latents).to(dtype)
+    encoded = encoded.to(device) if device is not None else encoded
+    if encoded.shape[1] == latent_channels:
+        return encoded
+    if encoded.shape[1] != 2 * latent_channels:
+        raise CogVXError(f"An encoded image or video has {encoded.shape[1]} channels; CogVideoX latents have "
+                         f"{latent_channels} (posterior moments {2 * latent_channels}). Encode it with the CogVideoX VAE.")
+    return torch.cat([DiagonalGaussian(m[None]).sample(generator) for m in encoded])
 
 
-def image_condition(transformer, vae, image: torch.Tensor, noise_shape, generator, dtype) -> torch.Tensor:
-    """I2V conditioning (B, 16, T, h, w): the start image's latent at frame 0 (model scale), zeros after it.
+def _check_encoded(what: str, encoded: torch.Tensor, shape: tuple[int, ...]) -> None:
+    b, _, _, h, w = shape
+    if encoded.ndim != 5 or tuple(encoded.shape[-2:]) != (h, w):
+        got = tuple(encoded.shape)
+        raise CogVXError(f"The {what} is encoded as {got} but the video's latents are {w}x{h} cells "
+                         f"({w * 8}x{h * 8} pixels): encode it at the video's size.")
+    if encoded.shape[0] not in (1, b):
+        raise CogVXError(f"The {what} has {encoded.shape[0]} items for {b} videos; give one, or one per video.")
 
-    image: (B, 3, H, W) in [-1, 1]. The posterior sample consumes the generator before the noise is drawn.
+
+def prepare_latents(transformer: CogVideoXTransformer, schedule: NoiseSchedule, *, batch: int, frames: int,
+                    height: int, width: int, steps: int, generator: torch.Generator | None,
+                    scaling_factor: float, invert_scale_latents: bool = False,
+                    start_image: torch.Tensor | None = None, end_image: torch.Tensor | None = None,
+                    video: torch.Tensor | None = None, strength: float = 1.0,
+                    dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> PreparedLatents:
+    """Initial latents, image conditioning and timesteps of a run: the one place the reference's draw order lives.
+
+    frames, height, width: the run's pixel size, valid for the model (see variants.snap_request).
+    start_image, end_image: encoded images (B or 1, 2C or C, 1, h, w) for image-to-video (the end image is this
+    project's addition: the last latent frame, for interpolation). video: an encoded video (B, 2C or C, t, h, w) for
+    video-to-video, noised to `strength` (1: pure noise, as text-to-video).
+    Draws: the start image's posterior samples, then the end image's, or the video's, then the noise.
     """
-    sf, invert = scaling(vae, transformer.variant)
-    raw = encode_condition(vae, image[:, :, None], generator, dtype)  # (B, 16, 1, h, w)
-    first = 1 / sf * raw if invert else sf * raw  # written as the reference computes it
-    b, c, t, h, w = noise_shape
-    cond = torch.cat([first, first.new_zeros(b, c, t - 1, h, w)], dim=2)
+    variant = transformer.variant
+    dtype = dtype or transformer.dtype
+    device = torch.device(device) if device is not None else transformer.device
+    channels = transformer.out_channels
+    if steps < 1:
+        raise CogVXError(f"steps must be at least 1, got {steps}.")
+    if not 0 < strength <= 1:
+        raise CogVXError(f"strength (denoise) must be in (0, 1], got {strength}.")
+    if video is not None and (start_image is not None or end_image is not None):
+        raise CogVXError("Give either a start image (image-to-video) or a video (video-to-video), not both.")
+    if video is not None and variant.i2v:
+        raise CogVXError(f"{variant.title} is an image-to-video model; video-to-video needs a text-to-video model.")
+    if variant.i2v and start_image is None:
+        raise CogVXError(f"{variant.title} is an image-to-video model: give it a start image, or load a "
+                         "text-to-video model.")
+    if not variant.i2v and (start_image is not None or end_image is not None):
+        raise CogVXError(f"{variant.title} is a text-to-video model and cannot take a start or end image: load an "
+                         "image-to-video model (5B-I2V or 1.5-5B-I2V), or remove the image.")
+
+    shape, pad = latent_shape(transformer, batch, frames, height, width)
+    timesteps = schedule.timesteps(steps)
+    image_latents = None
+    if video is not None:
+        _check_encoded("input video", video, shape)
+        if video.shape[2] != shape[2] - pad:
+            raise CogVXError(f"The input video has {pixel_frames(video.shape[2])} frames but the run has {frames}.")
+        if pad:
+            raise CogVXError(f"{variant.title} needs an even latent frame count for video-to-video; this video has "
+                             f"{shape[2] - pad} latent frames ({frames} pixel frames): use {frames - 4} or "
+                             f"{frames + 4} frames.")
+        timesteps = schedule.strength_timesteps(timesteps, strength)
+        init = scaling_factor * posterior_sample(video, generator, channels, device).to(device, dtype)
+        noise = randn_like_reference(shape, generator, dtype, device)
+        latents = schedule.add_noise(init, noise, int(timesteps[0]))
+    else:
+        if start_image is not None:
+            image_latents = _image_latents(start_image, end_image, shape, pad, generator, scaling_factor,
+                                           invert_scale_latents, dtype, device)
+        latents = randn_like_reference(shape, generator, dtype, device)
+    return PreparedLatents(latents, image_latents, timesteps, pad)
+
+
+def _image_latents(start: torch.Tensor, end: torch.Tensor | None, shape, pad: int, generator, sf: float,
+                   invert: bool, dtype, device) -> torch.Tensor:
+    """Model-scale I2V conditioning (B, C, T + pad, h, w): the start image's latent at frame 0 of the padded sequence
+    (the reference's 1.5 front padding adds a noise frame, not an image frame), the end image's at the last frame,
+    zeros between."""
+    b, c, t_padded, h, w = shape
+    cond = torch.zeros(shape, device=device, dtype=dtype)
+    for what, encoded, frame in (("start image", start, 0), ("end image", end, t_padded - 1)):
+        if encoded is None:
+            continue
+        _check_encoded(what, encoded, shape)
+        if what == "end image" and t_padded - pad < 2:
+            raise CogVXError("An end image needs at least 5 frames (two latent frames).")
+        raw = posterior_sample(encoded, generator, c, device).to(dtype)  # (B or 1, C, 1, h, w)
+        scaled = 1 / sf * raw if invert else sf * raw  # written as the reference computes it
+        cond[:, :, frame:frame + 1] = scaled.expand(b, -1, -1, -1, -1)
     return cond
 
 
@@ -94,8 +198,8 @@ def denoise(transformer: CogVideoXTransformer, latents: torch.Tensor, *, cond: t
             uncond: torch.Tensor | None, schedule: NoiseSchedule, timesteps, num_steps: int, sampler: str = "ddim",
             guidance: float = 6.0, dynamic_cfg: bool = False, generator: torch.Generator | None = None,
             image_latents: torch.Tensor | None = None, ofs: float | None = 2.0,
-            callback: Callable | None = None) -> torch.Tensor:
-    """The sampling loop on model-scale latents (B, 16, T, h, w): CFG batches are [uncond, cond] as the reference's."""
+            callback: StepCallback | None = None) -> torch.Tensor:
+    """The sampling loop on model-scale latents (B, C, T, h, w): CFG batches are [uncond, cond] as the reference's."""
     if sampler not in SAMPLERS:
         raise CogVXError(f"Unknown sampler {sampler!r}; use one of {', '.join(SAMPLERS)}.")
     ofs_t = (torch.full((1,), float(ofs), device=latents.device, dtype=latents.dtype)
@@ -120,13 +224,16 @@ def denoise(transformer: CogVideoXTransformer, latents: torch.Tensor, *, cond: t
                   dynamic_cfg=dynamic_cfg, generator=generator, callback=callback, num_steps=num_steps)
 
 
-def decode(vae, latents: torch.Tensor, variant: Variant, *, tiled: bool | None = None,
-           progress: Progress | None = None, **tile_args) -> torch.Tensor:
-    """Model-scale latents (B, 16, T, h, w) -> frames (B, T', H, W, 3) in [0, 1]."""
-    sf, _ = scaling(vae, variant)
-    z = (1 / sf * latents).to(vae.device, vae.dtype)
-    pixels = vae.decode(z, tiled=bool(tiled), progress=progress, **tile_args)  # (B, 3, T, H, W) in [-1, 1]
-    return (pixels / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 4, 1).float()
+def to_raw(latents: torch.Tensor, pad: int, scaling_factor: float) -> torch.Tensor:
+    """Sampled model-scale latents (B, C, T + pad, h, w) -> raw VAE latents (B, C, T, h, w), in the model dtype as the
+    reference unscales them before decoding."""
+    return 1 / scaling_factor * latents[:, :, pad:]
+
+
+def decode(vae, raw: torch.Tensor, *, tiling: Tiling | None = None, progress: Progress | None = None) -> torch.Tensor:
+    """Raw latents (B, C, T, h, w) -> frames (B, T', H, W, 3) float32 in [0, 1]."""
+    pixels = vae.decode(raw.to(vae.device, vae.dtype), tiling=tiling, progress=progress)  # (B, 3, T, H, W)
+    return model_output_to_frames(pixels)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -164,22 +271,17 @@ class CogVideoXPipeline:
     @torch.no_grad()  # inference kernels, as the reference's __call__; no activations kept
     def generate(self, prompt: str | list[str] | None = None, negative_prompt: str | list[str] = "", *,
                  cond: torch.Tensor | None = None, uncond: torch.Tensor | None = None,
-                 image: torch.Tensor | None = None, video: torch.Tensor | None = None, strength: float = 0.8,
+                 image: torch.Tensor | None = None, end_image: torch.Tensor | None = None,
+                 video: torch.Tensor | None = None, strength: float = 0.8,
                  frames: int | None = None, height: int | None = None, width: int | None = None,
                  steps: int = 50, guidance: float = 6.0, dynamic_cfg: bool = False, sampler: str = "ddim",
                  seed: int | None = None, generator: torch.Generator | None = None,
                  progress: Progress | None = None, cancel: Callable[[], bool] | None = None,
-                 decode_frames: bool = True, **tile_args) -> Generation:
-        """image: (B, 3, H, W) in [-1, 1] at (height, width); video: (B, 3, T, H, W) in [-1, 1] for V2V."""
+                 decode_frames: bool = True, tiling: Tiling | None = None) -> Generation:
+        """image, end_image: (B, 3, H, W) in [-1, 1] at (height, width); video: (B, 3, T, H, W) in [-1, 1] for V2V."""
         variant, transformer = self.variant, self.transformer
-        if video is not None and image is not None:
-            raise CogVXError("Give either a start image (image-to-video) or a video (video-to-video), not both.")
-        if video is not None and variant.i2v:
-            raise CogVXError(f"{variant.title} is an image-to-video model; video-to-video needs a text-to-video model.")
-        if not 0 < strength <= 1:
-            raise CogVXError(f"strength must be in (0, 1], got {strength}.")
-        if steps < 1:
-            raise CogVXError(f"steps must be at least 1, got {steps}.")
+        if end_image is not None and image is None:
+            raise CogVXError("An end image needs a start image too (image-to-video).")
         if video is not None:
             frames, height, width = video.shape[2], video.shape[3], video.shape[4]
         elif image is not None:
@@ -190,9 +292,10 @@ class CogVideoXPipeline:
         if video is not None and (new_f, new_h, new_w) != (frames, height, width):
             raise CogVXError(f"The input video has {frames} frames of {width}x{height}; video-to-video needs 4k+1 "
                              "frames and sizes that are multiples of 16. Trim or resize the video first.")
-        if image is not None and (new_h, new_w) != tuple(image.shape[-2:]):
-            raise CogVXError(f"The start image is {image.shape[-1]}x{image.shape[-2]} but this run is "
-                             f"{new_w}x{new_h}; resize it first (the CLI and nodes do this for you).")
+        for what, picture in (("start image", image), ("end image", end_image)):
+            if picture is not None and (new_h, new_w) != tuple(picture.shape[-2:]):
+                raise CogVXError(f"The {what} is {picture.shape[-1]}x{picture.shape[-2]} but this run is "
+                                 f"{new_w}x{new_h}; resize it first (the CLI and nodes do this for you).")
         frames, height, width = new_f, new_h, new_w
         for note in notes:
             log.warning(note)
@@ -201,7 +304,6 @@ class CogVideoXPipeline:
             if prompt is None:
                 raise CogVXError("Give a prompt (or prompt embeddings).")
             cond, uncond = self.encode_prompt(prompt, negative_prompt)
-        batch = cond.shape[0]
         if generator is None:
             generator = torch.Generator("cpu")
             if seed is not None:
@@ -212,22 +314,16 @@ class CogVideoXPipeline:
         cond = cond.to(device, dtype)
         uncond = None if uncond is None else uncond.to(device, dtype)
 
-        shape, pad = latent_shape(transformer, batch, frames, height, width)
-        timesteps = self.schedule.timesteps(steps)
-        image_latents = None
-        if video is not None:
-            if pad:
-                raise CogVXError(f"{variant.title} needs an even latent frame count for video-to-video; use "
-                                 f"{frames - 4} or {frames + 4} frames.")
-            timesteps = self.schedule.strength_timesteps(timesteps, strength)
-            sf, _ = scaling(self.vae, variant)
-            init = sf * encode_condition(self.vae, video, generator, dtype).to(device)
-            noise = randn_like_reference(shape, generator, dtype, device)
-            latents = self.schedule.add_noise(init, noise, int(timesteps[0]))
-        else:
-            if image is not None:
-                image_latents = image_condition(transformer, self.vae, image, shape, generator, dtype).to(device)
-            latents = randn_like_reference(shape, generator, dtype, device)
+        def encoded(pixels: torch.Tensor | None) -> torch.Tensor | None:
+            return None if pixels is None else encode_moments(self.vae, pixels)
+
+        sf, invert = scaling(self.vae, variant)
+        prepared = prepare_latents(
+            transformer, self.schedule, batch=cond.shape[0], frames=frames, height=height, width=width, steps=steps,
+            generator=generator, scaling_factor=sf, invert_scale_latents=invert,
+            start_image=encoded(None if image is None else image[:, :, None]),
+            end_image=encoded(None if end_image is None else end_image[:, :, None]),
+            video=encoded(video), strength=strength if video is not None else 1.0, dtype=dtype, device=device)
 
         def on_step(i, n, x, x0):
             if progress is not None:
@@ -235,41 +331,38 @@ class CogVideoXPipeline:
             if cancel is not None and cancel():
                 raise CancelledError("generation cancelled")
 
-        latents = denoise(transformer, latents, cond=cond, uncond=uncond, schedule=self.schedule,
-                          timesteps=timesteps, num_steps=steps, sampler=sampler, guidance=guidance,
-                          dynamic_cfg=dynamic_cfg, generator=generator, image_latents=image_latents,
+        latents = denoise(transformer, prepared.latents, cond=cond, uncond=uncond, schedule=self.schedule,
+                          timesteps=prepared.timesteps, num_steps=steps, sampler=sampler, guidance=guidance,
+                          dynamic_cfg=dynamic_cfg, generator=generator, image_latents=prepared.image_latents,
                           callback=on_step)
-        latents = latents[:, :, pad:]
-        frames_out = decode(self.vae, latents, variant, **tile_args) if decode_frames else None
-        sf, _ = scaling(self.vae, variant)
-        return Generation(frames_out, latents / sf, frames, height, width, notes)
+        raw = to_raw(latents, prepared.pad, sf)
+        frames_out = decode(self.vae, raw, tiling=tiling) if decode_frames else None
+        return Generation(frames_out, raw, frames, height, width, notes)
 
 
 def load_pipeline(path: str | Path, dtype: torch.dtype | None = None, device: torch.device | str | None = None,
                   **transformer_kwargs) -> CogVideoXPipeline:
     """A whole diffusers-format model folder (model_index.json, transformer/, vae/, text_encoder/, tokenizer/,
     scheduler/), as the released models are downloaded."""
-    from .checkpoints.io import read_json
+    from .checkpoints.folder import read_model_folder
     from .checkpoints.transformer import load_transformer
     from .checkpoints.vae import load_vae
     from .text import load_text_encoder
 
-    root = Path(path)
-    if not root.is_dir():
-        raise CheckpointError(f"{root}: not a folder. load_pipeline needs a diffusers-format model folder "
+    if not Path(path).is_dir():
+        raise CheckpointError(f"{path}: not a folder. load_pipeline needs a diffusers-format model folder "
                               "(model_index.json, transformer/, vae/, text_encoder/, tokenizer/, scheduler/).")
-    missing = [d for d in ("transformer", "vae") if not (root / d).is_dir()]
+    folder = read_model_folder(path)
+    missing = [name for name in ("transformer", "vae") if getattr(folder, name) is None]
     if missing:
-        raise CheckpointError(f"{root}: missing the {' and '.join(missing)} folder(s); this is not a complete "
+        raise CheckpointError(f"{folder.root}: missing the {' and '.join(missing)} folder(s); this is not a complete "
                               "diffusers-format CogVideoX folder. Download it again.")
-    transformer = load_transformer(root / "transformer", dtype=dtype, device=device, **transformer_kwargs)
+    transformer = load_transformer(folder.transformer, dtype=dtype, device=device, **transformer_kwargs)
     dtype = transformer.dtype
-    vae = load_vae(root / "vae", dtype=dtype, device=device)
+    vae = load_vae(folder.vae, dtype=dtype, device=device)
     text_encoder = None
-    if (root / "text_encoder").is_dir():
-        text_encoder = load_text_encoder(root, dtype=dtype, device=device,
-                                         max_length=transformer.config["max_text_seq_length"])
-    schedule = None
-    if (root / "scheduler" / "scheduler_config.json").is_file():
-        schedule = NoiseSchedule.from_config(read_json(root / "scheduler" / "scheduler_config.json", "scheduler"))
+    if folder.text_encoder is not None:
+        text_encoder = load_text_encoder(folder.root, dtype=dtype, device=device,
+                                         max_length=folder.text_length or transformer.text_length)
+    schedule = NoiseSchedule.from_config(folder.schedule_config) if folder.schedule_config else None
     return CogVideoXPipeline(transformer, vae, text_encoder, schedule)

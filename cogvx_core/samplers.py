@@ -18,6 +18,7 @@ from typing import Callable
 import torch
 
 from .errors import CogVXError
+from .noise import randn_like_reference
 from .schedule import NoiseSchedule
 
 SAMPLERS = ("ddim", "dpm")
@@ -26,28 +27,6 @@ SAMPLERS = ("ddim", "dpm")
 Predict = Callable[[torch.Tensor, int, bool], "tuple[torch.Tensor, torch.Tensor | None]"]
 # callback(step_index, num_steps, latents (B, C, T, H, W), x0 (B, C, T, H, W)); may raise to cancel
 StepCallback = Callable[[int, int, torch.Tensor, torch.Tensor], None]
-
-
-def randn_like_reference(shape_bcthw, generator: torch.Generator | None, dtype: torch.dtype,
-                         device: torch.device | str) -> torch.Tensor:
-    """Standard normal noise of shape (B, C, T, H, W), drawn as diffusers draws a (B, T, C, H, W) tensor.
-
-    Like diffusers' randn_tensor: drawn in `dtype` on the generator's device (a CPU generator with CUDA latents draws
-    on the CPU), then moved to `device`. Drawing in the reference layout and permuting makes a seed give the same
-    numbers at the same places as the reference.
-    """
-    if len(shape_bcthw) != 5:
-        raise CogVXError(f"Latent noise needs a 5-d shape (B, C, T, H, W), got {tuple(shape_bcthw)}.")
-    b, c, t, h, w = (int(n) for n in shape_bcthw)
-    device = torch.device(device)
-    draw_device = device
-    if generator is not None and generator.device.type != device.type:
-        if generator.device.type != "cpu":
-            raise CogVXError(f"A {generator.device.type} random generator cannot make noise for {device.type} "
-                             f"tensors; use a CPU generator (reproducible everywhere) or one on {device.type}.")
-        draw_device = torch.device("cpu")
-    noise = torch.randn((b, t, c, h, w), generator=generator, device=draw_device, dtype=dtype).to(device)
-    return noise.permute(0, 2, 1, 3, 4).contiguous()  # (B, T, C, H, W) -> (B, C, T, H, W)
 
 
 def dynamic_guidance_scale(guidance: float, t: int, num_steps: int) -> float:

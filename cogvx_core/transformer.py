@@ -121,6 +121,19 @@ class CogVideoXTransformer(nn.Module):
     def text_length(self) -> int:
         return self.config["max_text_seq_length"]
 
+    def sequence_length(self, frames: int, height: int, width: int) -> int:
+        """Tokens of one sequence (text, then video) for latents of (frames, height, width) (padded frames included)."""
+        p, pt = self.patch_size, self.patch_size_t
+        return self.text_length + (frames // pt) * (height // p) * (width // p)
+
+    def activation_bytes(self, latent_shape: tuple[int, ...], guidance: bool = True) -> int:
+        """Rough peak bytes of the activations of one forward pass on latents (B, C, T, h, w); classifier-free
+        guidance doubles the batch. About 16 hidden-state-sized buffers alive at once (q, k, v, attention output,
+        the feed-forward's 4x expansion, the residual stream)."""
+        b, _, t, h, w = latent_shape
+        batch = b * (2 if guidance else 1)
+        return int(batch * self.sequence_length(t, h, w) * self.inner_dim * self.dtype.itemsize * 16)
+
     def set_attention_backend(self, name: str) -> None:
         fn = get_attention_backend(name)
         for block in self.transformer_blocks:

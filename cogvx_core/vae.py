@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import contextlib
 import math
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
 from torch import nn
 
 from .errors import CogVXError
+from .noise import reference_randn
 from .modules.causal_conv import CausalConv3d, FrameCache
 from .modules.vae_blocks import (
     DownBlock3D, MidBlock3D, SpatialNorm3D, UpBlock3D, compressed_frames, expanded_frames, silu, take)
@@ -101,27 +103,6 @@ class DiagonalGaussian:
         return self.mean
 
 
-def reference_randn(shape: tuple[int, ...], generator, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """Gaussian noise drawn as diffusers' `randn_tensor` draws it: on a CPU generator's device when the generator is
-    a CPU one (then moved), one draw per batch item for a list of generators."""
-    rand_device = device
-    if generator is not None:
-        gen_type = (generator[0] if isinstance(generator, list) else generator).device.type
-        if gen_type != device.type and gen_type == "cpu":
-            rand_device = torch.device("cpu")
-        elif gen_type != device.type:
-            raise CogVXError(f"Cannot draw noise for {device} tensors from a {gen_type} generator; "
-                             f"use a CPU generator or one on {device}.")
-    if isinstance(generator, list) and len(generator) == 1:
-        generator = generator[0]
-    if isinstance(generator, list):
-        if len(generator) != shape[0]:
-            raise CogVXError(f"{len(generator)} generators for a batch of {shape[0]}; pass one per batch item.")
-        draws = [torch.randn((1,) + tuple(shape[1:]), generator=g, device=rand_device, dtype=dtype) for g in generator]
-        return torch.cat(draws, dim=0).to(device)
-    return torch.randn(shape, generator=generator, device=rand_device, dtype=dtype).to(device)
-
-
 def frame_chunks(frames: int, chunk: int) -> list[tuple[int, int]]:
     """[start, end) of each chunk: `chunk` frames each, the first one also taking the remainder."""
     count = max(frames // chunk, 1)
@@ -141,6 +122,30 @@ def _blend_columns(left: torch.Tensor, tile: torch.Tensor, extent: int) -> None:
     extent = min(left.shape[4], tile.shape[4], extent)
     for x in range(extent):
         tile[:, :, :, :, x] = left[:, :, :, :, -extent + x] * (1 - x / extent) + tile[:, :, :, :, x] * (x / extent)
+
+
+@dataclass(frozen=True)
+class Tiling:
+    """Spatial tiles for the VAE (the reference's `enable_tiling`): tile size in pixels and the overlap of neighbouring
+    tiles as a fraction of a tile. None (or 0) takes the reference's default: half the VAE's sample size, overlaps 1/6
+    (height) and 1/5 (width)."""
+
+    tile_height: int | None = None
+    tile_width: int | None = None
+    overlap_height: float | None = None
+    overlap_width: float | None = None
+
+
+@dataclass(frozen=True)
+class _TileGrid:
+    """Resolved tiling: tile sizes in pixels (sample) and latent cells, overlap fractions."""
+
+    sample_h: int
+    sample_w: int
+    latent_h: int
+    latent_w: int
+    overlap_h: float
+    overlap_w: float
 
 
 class CausalVAE(nn.Module):
@@ -243,39 +248,36 @@ class CausalVAE(nn.Module):
 
     # ---------------------------------------------------------------- tiling settings
 
-    def _tiling(self, tiled: bool, min_h, min_w, overlap_h, overlap_w) -> dict | None:
+    def _tile_grid(self, tiling: Tiling | None) -> _TileGrid | None:
         """The reference's tiling settings (`enable_tiling` semantics: unset or 0 means the default), or None."""
-        if not (tiled or any(v is not None for v in (min_h, min_w, overlap_h, overlap_w))):
+        if tiling is None:
             return None
-        sample_h = min_h or self.config["sample_height"] // 2
-        sample_w = min_w or self.config["sample_width"] // 2
-        s = dict(sample_h=sample_h, sample_w=sample_w,
-                 latent_h=int(sample_h / self.spatial_factor), latent_w=int(sample_w / self.spatial_factor),
-                 overlap_h=overlap_h or 1 / 6, overlap_w=overlap_w or 1 / 5)
-        for axis in ("h", "w"):
-            overlap, latent = s[f"overlap_{axis}"], s[f"latent_{axis}"]
+        sample_h = tiling.tile_height or self.config["sample_height"] // 2
+        sample_w = tiling.tile_width or self.config["sample_width"] // 2
+        grid = _TileGrid(sample_h=sample_h, sample_w=sample_w, latent_h=int(sample_h / self.spatial_factor),
+                         latent_w=int(sample_w / self.spatial_factor), overlap_h=tiling.overlap_height or 1 / 6,
+                         overlap_w=tiling.overlap_width or 1 / 5)
+        for axis, sample, latent, overlap in (("height", grid.sample_h, grid.latent_h, grid.overlap_h),
+                                              ("width", grid.sample_w, grid.latent_w, grid.overlap_w)):
             if not 0 < overlap < 1 or int(latent * (1 - overlap)) < 1:
                 raise CogVXError(
-                    f"VAE tiling: tiles of {s[f'sample_{axis}']} pixels with overlap {overlap} leave no stride along "
-                    f"{'height' if axis == 'h' else 'width'}. Use tiles of at least {2 * self.spatial_factor} "
-                    "pixels and overlap factors between 0 and 1 (the defaults are 1/6 and 1/5).")
-        return s
+                    f"VAE tiling: tiles of {sample} pixels with overlap {overlap} leave no stride along {axis}. Use "
+                    f"tiles of at least {2 * self.spatial_factor} pixels and overlap factors between 0 and 1 (the "
+                    "defaults are 1/6 and 1/5).")
+        return grid
 
     # ---------------------------------------------------------------- encode
 
-    def encode_posterior(self, pixels: torch.Tensor, *, tiled: bool = False, tile_sample_min_height: int | None = None,
-                         tile_sample_min_width: int | None = None, tile_overlap_factor_height: float | None = None,
-                         tile_overlap_factor_width: float | None = None,
+    def encode_posterior(self, pixels: torch.Tensor, *, tiling: Tiling | None = None,
                          progress: Progress | None = None) -> DiagonalGaussian:
         """pixels (B, 3, 4k+1, H, W) in [-1, 1] -> the posterior over latents (B, latent, k+1, H/8, W/8)."""
         self._check_pixels(pixels)
         pixels = pixels.to(device=self.device, dtype=self.dtype)
-        tiling = self._tiling(tiled, tile_sample_min_height, tile_sample_min_width,
-                              tile_overlap_factor_height, tile_overlap_factor_width)
+        grid = self._tile_grid(tiling)
         height, width = pixels.shape[-2:]
         with self._autograd(pixels):
-            if tiling and (width > tiling["sample_w"] or height > tiling["sample_h"]):
-                h = self._tiled_encode(pixels, tiling, progress)
+            if grid and (width > grid.sample_w or height > grid.sample_h):
+                h = self._tiled_encode(pixels, grid, progress)
             else:
                 chunks = len(frame_chunks(pixels.shape[2], SAMPLE_FRAMES_PER_CHUNK))
                 h = self._encode_frames(pixels, _Steps(1, chunks, progress))
@@ -299,35 +301,33 @@ class CausalVAE(nn.Module):
             steps.done()
         return out
 
-    def _tiled_encode(self, x: torch.Tensor, s: dict, progress: Progress | None) -> torch.Tensor:
+    def _tiled_encode(self, x: torch.Tensor, s: _TileGrid, progress: Progress | None) -> torch.Tensor:
         height, width = x.shape[-2:]
-        stride_h = int(s["sample_h"] * (1 - s["overlap_h"]))
-        stride_w = int(s["sample_w"] * (1 - s["overlap_w"]))
-        blend_h = int(s["latent_h"] * s["overlap_h"])
-        blend_w = int(s["latent_w"] * s["overlap_w"])
-        limit_h = s["latent_h"] - blend_h
-        limit_w = s["latent_w"] - blend_w
-        rows = [(i, self._encoded_size(min(s["sample_h"], height - i))) for i in range(0, height, stride_h)]
-        cols = [(j, self._encoded_size(min(s["sample_w"], width - j))) for j in range(0, width, stride_w)]
+        stride_h = int(s.sample_h * (1 - s.overlap_h))
+        stride_w = int(s.sample_w * (1 - s.overlap_w))
+        blend_h = int(s.latent_h * s.overlap_h)
+        blend_w = int(s.latent_w * s.overlap_w)
+        limit_h = s.latent_h - blend_h
+        limit_w = s.latent_w - blend_w
+        rows = [(i, self._encoded_size(min(s.sample_h, height - i))) for i in range(0, height, stride_h)]
+        cols = [(j, self._encoded_size(min(s.sample_w, width - j))) for j in range(0, width, stride_w)]
         steps = _Steps(len(rows) * len(cols), len(frame_chunks(x.shape[2], SAMPLE_FRAMES_PER_CHUNK)), progress)
         return self._tiled(lambda i, j: self._encode_frames(
-            x[:, :, :, i:i + s["sample_h"], j:j + s["sample_w"]], steps),
+            x[:, :, :, i:i + s.sample_h, j:j + s.sample_w], steps),
             rows, cols, blend_h, blend_w, limit_h, limit_w)
 
     # ---------------------------------------------------------------- decode
 
-    def decode(self, latents: torch.Tensor, *, tiled: bool = False, tile_sample_min_height: int | None = None,
-               tile_sample_min_width: int | None = None, tile_overlap_factor_height: float | None = None,
-               tile_overlap_factor_width: float | None = None, progress: Progress | None = None) -> torch.Tensor:
+    def decode(self, latents: torch.Tensor, *, tiling: Tiling | None = None,
+               progress: Progress | None = None) -> torch.Tensor:
         """Unscaled latents (B, latent, t, h, w) -> pixels (B, 3, T, 8h, 8w), roughly in [-1, 1] (not clamped)."""
         self._check_latents(latents)
         z = latents.to(device=self.device, dtype=self.dtype)
-        tiling = self._tiling(tiled, tile_sample_min_height, tile_sample_min_width,
-                              tile_overlap_factor_height, tile_overlap_factor_width)
+        grid = self._tile_grid(tiling)
         height, width = z.shape[-2:]
         with self._autograd(z):
-            if tiling and (width > tiling["latent_w"] or height > tiling["latent_h"]):
-                return self._tiled_decode(z, tiling, progress)
+            if grid and (width > grid.latent_w or height > grid.latent_h):
+                return self._tiled_decode(z, grid, progress)
             return self._decode_frames(z, _Steps(1, len(frame_chunks(z.shape[2], LATENT_FRAMES_PER_CHUNK)), progress))
 
     def _decode_frames(self, z: torch.Tensor, steps: "_Steps") -> torch.Tensor:
@@ -344,20 +344,20 @@ class CausalVAE(nn.Module):
             steps.done()
         return out
 
-    def _tiled_decode(self, z: torch.Tensor, s: dict, progress: Progress | None) -> torch.Tensor:
+    def _tiled_decode(self, z: torch.Tensor, s: _TileGrid, progress: Progress | None) -> torch.Tensor:
         height, width = z.shape[-2:]
         f = self.spatial_factor
-        stride_h = int(s["latent_h"] * (1 - s["overlap_h"]))
-        stride_w = int(s["latent_w"] * (1 - s["overlap_w"]))
-        blend_h = int(s["sample_h"] * s["overlap_h"])
-        blend_w = int(s["sample_w"] * s["overlap_w"])
-        limit_h = s["sample_h"] - blend_h
-        limit_w = s["sample_w"] - blend_w
-        rows = [(i, f * min(s["latent_h"], height - i)) for i in range(0, height, stride_h)]
-        cols = [(j, f * min(s["latent_w"], width - j)) for j in range(0, width, stride_w)]
+        stride_h = int(s.latent_h * (1 - s.overlap_h))
+        stride_w = int(s.latent_w * (1 - s.overlap_w))
+        blend_h = int(s.sample_h * s.overlap_h)
+        blend_w = int(s.sample_w * s.overlap_w)
+        limit_h = s.sample_h - blend_h
+        limit_w = s.sample_w - blend_w
+        rows = [(i, f * min(s.latent_h, height - i)) for i in range(0, height, stride_h)]
+        cols = [(j, f * min(s.latent_w, width - j)) for j in range(0, width, stride_w)]
         steps = _Steps(len(rows) * len(cols), len(frame_chunks(z.shape[2], LATENT_FRAMES_PER_CHUNK)), progress)
         return self._tiled(lambda i, j: self._decode_frames(
-            z[:, :, :, i:i + s["latent_h"], j:j + s["latent_w"]], steps),
+            z[:, :, :, i:i + s.latent_h, j:j + s.latent_w], steps),
             rows, cols, blend_h, blend_w, limit_h, limit_w)
 
     @staticmethod

@@ -98,7 +98,7 @@ class Variant:
 
     def latent_frames(self, frames: int) -> int:
         """Latent frames the VAE makes of `frames` pixel frames (4k+1 -> k+1)."""
-        return (frames - 1) // 4 + 1
+        return latent_frames(frames)
 
 
 _5B = {"num_attention_heads": 48, "num_layers": 42, "use_rotary_positional_embeddings": True}
@@ -148,6 +148,21 @@ def detect_variant(transformer_config: dict) -> Variant:
 # ---------------------------------------------------------------------------------------------------------------
 # Frame and size rules, applied before any work
 # ---------------------------------------------------------------------------------------------------------------
+TEMPORAL_COMPRESSION = 4  # every released VAE: 4k+1 pixel frames <-> k+1 latent frames
+SPATIAL_COMPRESSION = 8  # pixels per latent cell
+SIZE_STEP = 16  # pixel sizes are multiples of 16 (8x VAE, then 2x2 patches)
+
+
+def latent_frames(frames: int) -> int:
+    """Latent frames the VAE makes of `frames` pixel frames (4k+1 -> k+1)."""
+    return (frames - 1) // TEMPORAL_COMPRESSION + 1
+
+
+def pixel_frames(latent_frames: int) -> int:
+    """Pixel frames the VAE decodes `latent_frames` latent frames to (k+1 -> 4k+1)."""
+    return (latent_frames - 1) * TEMPORAL_COMPRESSION + 1
+
+
 def _nearest_multiple(value: int, step: int, lowest: int) -> int:
     return max(lowest, int(round(value / step)) * step)
 
@@ -199,3 +214,18 @@ def snap_request(variant: Variant, frames: int, height: int, width: int, *, has_
     if (new_h, new_w) != (height, width):
         notes.append(f"size {width}x{height} -> {new_w}x{new_h}: sizes must be multiples of 16")
     return frames, new_h, new_w, notes
+
+
+def snap_video(frames: int, height: int, width: int) -> tuple[int, int, int, list[str]]:
+    """(frames to keep, height, width) for an input video of `frames` frames (video-to-video), with a note per
+    change: the first 4k+1 frames (a video cannot gain frames) and sizes rounded to multiples of 16."""
+    if frames < 1:
+        raise CogVXError("The input video has no frames.")
+    notes = []
+    keep = (frames - 1) // TEMPORAL_COMPRESSION * TEMPORAL_COMPRESSION + 1
+    if keep != frames:
+        notes.append(f"frames {frames} -> {keep}: the VAE needs 4k+1 frames (kept the first {keep})")
+    new_h, new_w = _nearest_multiple(height, SIZE_STEP, SIZE_STEP), _nearest_multiple(width, SIZE_STEP, SIZE_STEP)
+    if (new_h, new_w) != (height, width):
+        notes.append(f"size {width}x{height} -> {new_w}x{new_h}: sizes must be multiples of 16")
+    return keep, new_h, new_w, notes

@@ -95,3 +95,9 @@ def frames_to_model_input(frames: torch.Tensor, height: int, width: int) -> torc
         out = [pil_to_model_input(Image.fromarray(f), height, width) for f in to_uint8(frames)]
         return torch.stack(out, dim=1)
     return frames.permute(3, 0, 1, 2).float() * 2.0 - 1.0
+
+
+def model_output_to_frames(pixels: torch.Tensor) -> torch.Tensor:
+    """VAE output (B, 3, T, H, W), about [-1, 1] -> frames (B, T, H, W, 3) float32 in [0, 1], as the reference's
+    video processor post-processes it."""
+    return (pixels / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 4, 1).float()

@@ -13,17 +13,20 @@ from PIL import Image
 
 from .core import (
     CogVXError,
+    encode_moments,
     frames_to_model_input,
     get_variant,
     is_released_size,
+    latent_frames,
     pil_to_model_input,
     snap_request,
+    snap_video,
     to_uint8,
     VARIANTS,
 )
 
-from . import host
-from .vae_run import Tiling, run
+from . import host, preview
+from .vae_run import TileSettings, run
 
 MAX_FRAMES = 1024
 MAX_SIZE = 8192
@@ -72,8 +75,8 @@ def _snap(variant, released, frames, height, width, node_id) -> tuple[int, int, 
 
 
 def _empty(batch: int, frames: int, height: int, width: int) -> dict:
-    lat_t = (frames - 1) // 4 + 1
-    samples = torch.zeros((batch, 16, lat_t, height // 8, width // 8), device=host.intermediate_device())
+    samples = torch.zeros((batch, 16, latent_frames(frames), height // 8, width // 8),
+                          device=host.intermediate_device())
     return {"samples": samples}
 
 
@@ -121,8 +124,12 @@ class CogVXEmptyLatent:
     def INPUT_TYPES(cls):
         return {
             "required": _size_inputs(T2V_VARIANTS + I2V_VARIANTS, "5b"),
-            "optional": {"model": ("COGVX_MODEL", {"tooltip": "When connected, the model's own rules apply (also "
-                                                             "for small or fine-tuned models of other sizes)."})},
+            "optional": {
+                "model": ("COGVX_MODEL", {"tooltip": "When connected, the model's own rules apply (also for small or "
+                                                     "fine-tuned models of other sizes)."}),
+                "vae": ("COGVX_VAE", {"tooltip": "When connected, the sampler's live preview shows this VAE's "
+                                                 "colours (without it: the latent's structure only)."}),
+            },
             "hidden": {"unique_id": "UNIQUE_ID"},
         }
 
@@ -132,10 +139,10 @@ class CogVXEmptyLatent:
     DESCRIPTION = ("An empty latent (B, 16, (frames-1)/4+1, height/8, width/8). Frames snap to 4k+1 and sizes to "
                    "multiples of 16 (5B-I2V: 720x480; 1.5-I2V: shorter side 768); the node shows what it changed.")
 
-    def make(self, variant, frames, width, height, batch_size, model=None, unique_id=None):
+    def make(self, variant, frames, width, height, batch_size, model=None, vae=None, unique_id=None):
         v, released = _rules(variant, model)
         f, h, w, notes = _snap(v, released, frames, height, width, unique_id)
-        return _ui((_empty(batch_size, f, h, w),), notes)
+        return _ui((preview.attach(_empty(batch_size, f, h, w), vae),), notes)
 
 
 def _to_pixels(images: torch.Tensor, height: int, width: int) -> torch.Tensor:
@@ -147,19 +154,18 @@ def _to_pixels(images: torch.Tensor, height: int, width: int) -> torch.Tensor:
 
 def _encode(vae_handle, pixels: torch.Tensor, node_id, what: str) -> torch.Tensor:
     """Posterior moments (B, 32, t, h, w) of pixels (B, 3, T, H, W), one video at a time as the reference."""
-    vae = vae_handle.vae
 
-    def work(**kwargs):
-        return torch.cat([vae.encode_posterior(p[None].to(vae.device, vae.dtype), **kwargs).parameters
-                          for p in pixels])
+    def work(tiling, progress):
+        return encode_moments(vae_handle.vae, pixels, tiling=tiling, progress=progress)
 
-    moments = run(vae_handle, work, 1, pixels.shape[-2], pixels.shape[-1], Tiling("auto"), node_id, what)
+    moments = run(vae_handle, work, 1, pixels.shape[-2], pixels.shape[-1], TileSettings("auto"), node_id, what)
     return moments.to(host.intermediate_device())
 
 
-def encoded_latent(moments: torch.Tensor) -> dict:
+def encoded_latent(moments: torch.Tensor, vae_handle) -> dict:
+    """A LATENT of posterior moments: their mean in "samples" (for other nodes), the moments for the sampler."""
     mean = moments[:, : moments.shape[1] // 2]
-    return {"samples": mean.float(), "cogvx_moments": moments}
+    return preview.attach({"samples": mean.float(), "cogvx_moments": moments}, vae_handle)
 
 
 class CogVXImageToVideo:
@@ -208,8 +214,8 @@ class CogVXImageToVideo:
                 image = image[:1]
             pixels = _to_pixels(image, h, w).expand(batch_size, -1, -1, -1)[:, :, None]  # (B, 3, 1, H, W)
             moments.append(_encode(vae, pixels, unique_id, "encode"))
-        image_cond = encoded_latent(torch.cat(moments, dim=2))  # frame 0: start, frame 1: end
-        return _ui((_empty(batch_size, f, h, w), image_cond), notes)
+        image_cond = encoded_latent(torch.cat(moments, dim=2), vae)  # frame 0: start, frame 1: end
+        return _ui((preview.attach(_empty(batch_size, f, h, w), vae), image_cond), notes)
 
 
 class CogVXVideoEncode:
@@ -240,16 +246,9 @@ class CogVXVideoEncode:
     def encode(self, vae, images, frames, width, height, unique_id=None):
         if images.ndim != 4 or images.shape[0] < 1:
             raise CogVXError(f"Expected IMAGE frames (frames, height, width, 3); got shape {tuple(images.shape)}.")
-        notes = []
-        count = min(frames or images.shape[0], images.shape[0])
-        use = (count - 1) // 4 * 4 + 1
-        if use != images.shape[0]:
-            notes.append(f"frames {images.shape[0]} -> {use}: the VAE needs 4k+1 frames (kept the first {use})")
-        h = max(16, round((height or images.shape[1]) / 16) * 16)
-        w = max(16, round((width or images.shape[2]) / 16) * 16)
-        if (h, w) != (images.shape[1], images.shape[2]):
-            notes.append(f"size {images.shape[2]}x{images.shape[1]} -> {w}x{h}: sizes must be multiples of 16")
+        available = min(frames or images.shape[0], images.shape[0])
+        use, h, w, notes = snap_video(available, height or images.shape[1], width or images.shape[2])
         for note in notes:
             host.say(note, unique_id)
         pixels = frames_to_model_input(images[:use, ..., :3].float(), h, w)[None]  # (1, 3, T, H, W)
-        return _ui((encoded_latent(_encode(vae, pixels, unique_id, "encode")),), notes)
+        return _ui((encoded_latent(_encode(vae, pixels, unique_id, "encode"), vae),), notes)

@@ -31,8 +31,9 @@ ddp = import_module(f"{_package.__name__}.train.ddp")
 DEFAULT_TARGETS, applied_loras, apply_loras, load_lora, remove_trainable_lora, save_lora = _names(
     "lora", "DEFAULT_TARGETS applied_loras apply_loras load_lora remove_trainable_lora save_lora")
 [available_attention_backends] = _names("modules.attention", "available_attention_backends")
-run_denoise, is_released_size, latent_shape = _names("pipeline", "denoise is_released_size latent_shape")
-SAMPLERS, randn_like_reference = _names("samplers", "SAMPLERS randn_like_reference")
+run_denoise, decode_latents, encode_moments, is_released_size, latent_shape, prepare_latents, to_raw = _names(
+    "pipeline", "denoise decode encode_moments is_released_size latent_shape prepare_latents to_raw")
+[SAMPLERS] = _names("samplers", "SAMPLERS")
 [NoiseSchedule] = _names("schedule", "NoiseSchedule")
 DEFAULT_MAX_LENGTH, TextEncoder, fit_context, load_text_encoder = _names(
     "text", "DEFAULT_MAX_LENGTH TextEncoder fit_context load_text_encoder")
@@ -43,7 +44,9 @@ TrainingDataset, prepare_dataset, scan_folder = _names("train.dataset", "CogVXDa
 [loss_chart] = _names("train.plot", "loss_chart")
 Trainer, TrainSettings, clear_checkpoints = _names("train.trainer", "Trainer TrainSettings clear_checkpoints")
 [CogVideoXTransformer] = _names("transformer", "CogVideoXTransformer")
-[DiagonalGaussian] = _names("vae", "DiagonalGaussian")
-VARIANTS, Variant, get_variant, snap_request = _names("variants", "VARIANTS Variant get_variant snap_request")
+[Tiling] = _names("vae", "Tiling")
+VARIANTS, Variant, get_variant, latent_frames, pixel_frames, snap_request, snap_video = _names(
+    "variants", "VARIANTS Variant get_variant latent_frames pixel_frames snap_request snap_video")
 frames_to_model_input, pil_to_model_input, to_uint8 = _names(
     "video_io", "frames_to_model_input pil_to_model_input to_uint8")
+[read_model_folder] = _names("checkpoints.folder", "read_model_folder")

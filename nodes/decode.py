@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import torch
 
-from .core import CogVXError
+from .core import CogVXError, decode_latents
 
 from . import host
-from .vae_run import TILING_MODES, Tiling, run
+from .vae_run import TILING_MODES, TileSettings, run
 
 
 class CogVXDecode:
@@ -47,11 +47,9 @@ class CogVXDecode:
             raise CogVXError(f"CogVXDecode needs a video latent (B, 16, T, h, w); got {shape}. An image latent "
                              "(B, C, h, w) comes from an image model; use ComfyUI's VAE Decode for it.")
         b, _, _, h, w = z.shape
-        model = vae.vae
 
-        def work(**kwargs):
-            return model.decode(z.to(model.device, model.dtype), **kwargs)
+        def work(tiling, progress):
+            return decode_latents(vae.vae, z, tiling=tiling, progress=progress)  # (B, T, H, W, 3)
 
-        pixels = run(vae, work, b, h * 8, w * 8, Tiling(tiling, tile_height, tile_width, overlap), unique_id)
-        frames = (pixels / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 4, 1).float()  # (B, T, H, W, 3)
+        frames = run(vae, work, b, h * 8, w * 8, TileSettings(tiling, tile_height, tile_width, overlap), unique_id)
         return (frames.reshape(-1, *frames.shape[2:]).to(host.intermediate_device()),)

@@ -16,7 +16,7 @@ ComfyUI shares cached outputs between runs and nodes.
 from __future__ import annotations
 
 import dataclasses
-import json
+import functools
 from pathlib import Path
 
 import torch
@@ -30,6 +30,7 @@ from .core import (
     load_transformer,
     load_vae,
     NoiseSchedule,
+    read_model_folder,
     TextEncoder,
     Variant,
 )
@@ -71,6 +72,12 @@ class CogVXVAE:
     vae: torch.nn.Module
     managed: host.Managed
     source: str
+
+    @functools.cached_property
+    def preview_colours(self) -> preview.Projection:
+        """This VAE's latent -> RGB projection for live previews, fitted once (see nodes/preview.py)."""
+        self.managed.load()
+        return preview.fit_projection(self.vae)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -144,13 +151,6 @@ def _compute_dtype(choice: str, device: torch.device) -> torch.dtype | None:
     return None if device.type != "cpu" else torch.float32
 
 
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # Nodes
 # ---------------------------------------------------------------------------------------------------------------
@@ -200,13 +200,11 @@ class CogVXModelLoader:
 
         schedule, sf, invert = NoiseSchedule.for_variant(variant), variant.scaling_factor, variant.invert_scale_latents
         if path.is_dir():  # a model folder also says how it was sampled and scaled
-            root = path.parent if path.name == "transformer" else path
-            scheduler_cfg = _read_json(root / "scheduler" / "scheduler_config.json")
-            if scheduler_cfg:
-                schedule = NoiseSchedule.from_config(scheduler_cfg)
-            vae_cfg = _read_json(root / "vae" / "config.json")
-            sf = float(vae_cfg.get("scaling_factor", sf))
-            invert = bool(vae_cfg.get("invert_scale_latents", invert))
+            folder = read_model_folder(path)
+            if folder.schedule_config:
+                schedule = NoiseSchedule.from_config(folder.schedule_config)
+            sf = sf if folder.scaling_factor is None else folder.scaling_factor
+            invert = invert if folder.invert_scale_latents is None else folder.invert_scale_latents
         handle = CogVXModel(transformer=transformer, managed=host.Managed(transformer, "diffusion"),
                             schedule=schedule, scaling_factor=sf, invert_scale_latents=invert, source=str(path))
         return (handle,)
@@ -245,11 +243,7 @@ class CogVXVAELoader:
         else:
             torch_dtype = DTYPES[dtype]
         model = load_vae(path, dtype=torch_dtype, device=offload).eval().requires_grad_(False)
-        handle = CogVXVAE(vae=model, managed=host.Managed(model, "vae"), source=str(path))
-        if host.previews_enabled():
-            handle.managed.load()
-            preview.remember(preview.fit_projection(model))
-        return (handle,)
+        return (CogVXVAE(vae=model, managed=host.Managed(model, "vae"), source=str(path)),)
 
 
 class CogVXT5Loader:
@@ -284,9 +278,8 @@ class CogVXT5Loader:
         torch_dtype = None if dtype == "auto" else DTYPES[dtype]
         tokenizer, max_length = None, DEFAULT_MAX_LENGTH
         if path.is_dir():  # a model folder's own encoder: its tokenizer and text length are beside it
-            root = path.parent
-            tokenizer = root / "tokenizer"
-            max_length = int(_read_json(root / "transformer" / "config.json").get("max_text_seq_length", max_length))
+            folder = read_model_folder(path)
+            tokenizer, max_length = folder.tokenizer, folder.text_length or max_length
         else:
             tokenizer = host.t5_tokenizer_folder()  # ComfyUI's bundled one; outside ComfyUI one beside the file
         encoder = load_text_encoder(path, tokenizer=tokenizer, dtype=torch_dtype, device=offload,

@@ -2,9 +2,10 @@
 
 CogVideoX has no published latent_rgb_factors, so the projection is fitted to the VAE itself: decode a few random
 latents once, average the decoded pixels over each latent cell, and solve the least-squares 16 -> 3 map (plus bias)
-from latent values to those colours. That is done once per loaded VAE (when previews are on) and the sampler uses the
-latest fitted projection. Until a VAE is fitted, a fixed projection shows structure (not colour): three channel
-groups, each frame stretched to the full range.
+from latent values to those colours. The colours belong to the VAE that made a latent: a VAE handle fits them once
+(`CogVXVAE.preview_colours`) and the latents its nodes make carry them to the sampler (`attach`). A latent without
+them (no VAE connected) previews its structure, not its colour: three channel groups, each frame stretched to the
+full range.
 """
 
 from __future__ import annotations
@@ -12,11 +13,15 @@ from __future__ import annotations
 import torch
 from PIL import Image
 
-_latest: tuple[torch.Tensor, torch.Tensor] | None = None  # (weight (3, 16), bias (3,)) of the latest fitted VAE
+from . import host
+
+KEY = "cogvx_preview"  # LATENT entry: (weight (3, C), bias (3,)) of the VAE that made the latent
+
+Projection = tuple[torch.Tensor, torch.Tensor]
 
 
 @torch.no_grad()
-def fit_projection(vae, size: int = 16, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+def fit_projection(vae, size: int = 16, seed: int = 0) -> Projection:
     """(weight (3, C), bias (3,)) mapping raw latent values to RGB in [-1, 1], least squares on the VAE's decode
     of random latents (B=1, one latent frame of size x size cells). `vae` must be on its compute device."""
     channels = vae.config["latent_channels"]
@@ -31,25 +36,22 @@ def fit_projection(vae, size: int = 16, seed: int = 0) -> tuple[torch.Tensor, to
     return solution[:-1].T.contiguous(), solution[-1].contiguous()
 
 
-def remember(projection: tuple[torch.Tensor, torch.Tensor]) -> None:
-    global _latest
-    _latest = projection
+def attach(latent: dict, vae_handle) -> dict:
+    """`latent` with the preview colours of the VAE that made it (fitted once per VAE, only when previews are on)."""
+    if vae_handle is not None and host.previews_enabled():
+        latent[KEY] = vae_handle.preview_colours
+    return latent
 
 
-def latest() -> tuple[torch.Tensor, torch.Tensor] | None:
-    return _latest
-
-
-def forget() -> None:
-    global _latest
-    _latest = None
+def colours(*latents: dict | None) -> Projection | None:
+    """The preview colours the first of `latents` that has them carries."""
+    return next((lat[KEY] for lat in latents if isinstance(lat, dict) and lat.get(KEY) is not None), None)
 
 
 @torch.no_grad()
-def latent_to_image(raw: torch.Tensor, projection: tuple[torch.Tensor, torch.Tensor] | None = None) -> Image.Image:
+def latent_to_image(raw: torch.Tensor, projection: Projection | None = None) -> Image.Image:
     """The middle latent frame of the first video of raw latents (B, C, T, h, w) as a PIL image (h x w)."""
     frame = raw[0, :, raw.shape[2] // 2].float().cpu()  # (C, h, w)
-    projection = projection if projection is not None else _latest
     if projection is not None:
         weight, bias = projection
         rgb = torch.einsum("oc,chw->ohw", weight, frame) + bias[:, None, None]  # (3, h, w) in about [-1, 1]

@@ -16,12 +16,13 @@ from .core import (
     applied_loras,
     apply_loras,
     CogVXError,
-    DiagonalGaussian,
     fit_context,
     latent_shape,
-    randn_like_reference,
+    pixel_frames,
+    prepare_latents,
     run_denoise,
     SAMPLERS,
+    to_raw,
 )
 
 from . import host, preview
@@ -56,26 +57,12 @@ def _batched(context: torch.Tensor, batch: int, name: str) -> torch.Tensor:
                      "as videos.")
 
 
-def _posterior_sample(latent: dict, generator: torch.Generator, frames: slice | None = None) -> torch.Tensor:
-    """Raw latents of an encoded LATENT: a posterior sample per video drawn from `generator` (the reference's order)
-    when the encoder's moments are there, else "samples" as they are (e.g. from ComfyUI's own nodes)."""
+def _encoded(latent: dict) -> torch.Tensor:
+    """An encoded LATENT for the core: the VAE posterior's moments when the encoder left them (the sampler then draws
+    the posterior sample from its own seed, as the reference does), else "samples" as they are (e.g. from ComfyUI's
+    own VAE nodes)."""
     moments = latent.get("cogvx_moments")
-    if moments is None:
-        samples = latent["samples"]
-        return samples if frames is None else samples[:, :, frames]
-    if frames is not None:
-        moments = moments[:, :, frames]
-    return torch.cat([DiagonalGaussian(m[None]).sample(generator) for m in moments])
-
-
-def _activation_memory(model, shape) -> int:
-    """Rough bytes the transformer needs for activations at this latent shape (CFG doubles the batch)."""
-    b, _, t, h, w = shape
-    cfg = model.transformer.config
-    p, pt = cfg["patch_size"], cfg["patch_size_t"] or 1
-    tokens = cfg["max_text_seq_length"] + (t // pt) * (h // p) * (w // p)
-    dim = cfg["num_attention_heads"] * cfg["attention_head_dim"]
-    return int(2 * b * tokens * dim * model.transformer.dtype.itemsize * 16)
+    return latent["samples"] if moments is None else moments
 
 
 class CogVXSampler:
@@ -127,8 +114,8 @@ class CogVXSampler:
             raise CogVXError(f"The latent must be a video latent (B, 16, T, h, w); got {shape}. Make it with "
                              "CogVXEmptyLatent, CogVXImageToVideo or CogVXVideoEncode.")
         b, c, t, h, w = samples.shape
-        if c != transformer.config["out_channels"]:
-            raise CogVXError(f"The latent has {c} channels; CogVideoX latents have {transformer.config['out_channels']}. "
+        if c != transformer.out_channels:
+            raise CogVXError(f"The latent has {c} channels; CogVideoX latents have {transformer.out_channels}. "
                              "It comes from another model's VAE; encode with the CogVideoX VAE.")
         if h % 2 or w % 2:
             raise CogVXError(f"The latent is {w * 8}x{h * 8} pixels; CogVideoX needs multiples of 16. Make the latent "
@@ -143,73 +130,43 @@ class CogVXSampler:
         if video_to_video and variant.i2v:
             raise CogVXError("denoise below 1 (video-to-video) works with text-to-video models only; set denoise to "
                              "1 for image-to-video.")
+        start = end = None
+        if image_cond is not None:
+            encoded = _encoded(image_cond) if isinstance(image_cond, dict) else None
+            if not isinstance(encoded, torch.Tensor) or encoded.ndim != 5:
+                raise CogVXError("image_cond must be the image_cond output of CogVXImageToVideo.")
+            start, end = encoded[:, :, :1], (encoded[:, :, 1:2] if encoded.shape[2] > 1 else None)
 
         cond = _batched(_context(positive, model, "positive", unique_id), b, "positive")
         uncond = _batched(_context(negative, model, "negative", unique_id), b, "negative") if cfg > 1 else None
-
-        frames = (t - 1) * 4 + 1
-        shape, pad = latent_shape(transformer, b, frames, h * 8, w * 8)
-        if video_to_video and pad:
-            raise CogVXError(f"{variant.title} needs an even latent frame count for video-to-video; this video has "
-                             f"{t} latent frames ({frames} pixel frames): use {frames - 4} or {frames + 4} frames.")
-        device = model.managed.load(_activation_memory(model, shape))
+        frames = pixel_frames(t)
+        shape, _ = latent_shape(transformer, b, frames, h * 8, w * 8)
+        device = model.managed.load(transformer.activation_bytes(shape, guidance=cfg > 1))
         if model.loras or applied_loras(transformer):  # this handle's LoRAs, none left from another handle's run
             apply_loras(transformer, model.loras)
-        dtype = transformer.dtype
-        schedule = model.schedule
-        sf, invert = model.scaling_factor, model.invert_scale_latents
+        sf, dtype = model.scaling_factor, transformer.dtype
         generator = torch.Generator("cpu").manual_seed(int(seed))
-        timesteps = schedule.timesteps(steps)
+        prepared = prepare_latents(
+            transformer, model.schedule, batch=b, frames=frames, height=h * 8, width=w * 8, steps=steps,
+            generator=generator, scaling_factor=sf, invert_scale_latents=model.invert_scale_latents,
+            start_image=start, end_image=end, video=_encoded(latent) if video_to_video else None,
+            strength=denoise if video_to_video else 1.0, dtype=dtype, device=device)
 
-        image_latents = None
-        if video_to_video:
-            timesteps = schedule.strength_timesteps(timesteps, denoise)
-            init = sf * _posterior_sample(latent, generator).to(device, dtype)
-            noise = randn_like_reference(shape, generator, dtype, device)
-            latents = schedule.add_noise(init, noise, int(timesteps[0]))
-        else:
-            if image_cond is not None:
-                image_latents = self._image_latents(image_cond, generator, shape, pad, sf, invert, dtype, device)
-            latents = randn_like_reference(shape, generator, dtype, device)
-
-        bar = host.Progress(len(timesteps))
+        bar = host.Progress(len(prepared.timesteps))
+        colours = preview.colours(latent, image_cond)
         show = host.previews_enabled()
 
         def on_step(i, n, x, x0):
-            image = preview.latent_to_image(x0[:, :, pad:] / sf) if show else None
+            image = preview.latent_to_image(to_raw(x0, prepared.pad, sf), colours) if show else None
             bar.update(i + 1, image)
 
-        context_device = dict(device=device, dtype=dtype)
         with torch.no_grad():
-            out = run_denoise(transformer, latents, cond=cond.to(**context_device),
-                              uncond=None if uncond is None else uncond.to(**context_device), schedule=schedule,
-                              timesteps=timesteps, num_steps=steps, sampler=sampler, guidance=float(cfg),
-                              dynamic_cfg=bool(dynamic_cfg), generator=generator, image_latents=image_latents,
-                              callback=on_step)
-        raw = (1 / sf * out[:, :, pad:]).float()  # scaled back in the model dtype, as the reference decodes
-        return ({"samples": raw.to(host.intermediate_device())},)
-
-    @staticmethod
-    def _image_latents(image_cond: dict, generator, shape, pad: int, sf: float, invert: bool, dtype, device):
-        """Model-scale image conditioning (B, 16, T + pad, h, w): the start image at frame 0 of the padded sequence (and
-        the end image at the last frame), zeros between, as the reference lays it out (its 1.5 front padding adds a
-        noise frame, not an image frame)."""
-        b, c, t_padded, h, w = shape
-        cond_samples = image_cond.get("samples") if isinstance(image_cond, dict) else None
-        if not isinstance(cond_samples, torch.Tensor) or cond_samples.ndim != 5:
-            raise CogVXError("image_cond must be the image_cond output of CogVXImageToVideo.")
-        if tuple(cond_samples.shape[-2:]) != (h, w):
-            raise CogVXError(f"The image conditioning is {cond_samples.shape[-1] * 8}x{cond_samples.shape[-2] * 8} but "
-                             f"the latent is {w * 8}x{h * 8}: connect the latent of the same CogVXImageToVideo node.")
-        if cond_samples.shape[0] not in (1, b):
-            raise CogVXError(f"The image conditioning has {cond_samples.shape[0]} images for {b} videos.")
-        ends = cond_samples.shape[2]  # 1 (start) or 2 (start, end)
-        raw = [_posterior_sample(image_cond, generator, slice(k, k + 1)) for k in range(ends)]
-        scaled = [(1 / sf * r if invert else sf * r).to(device, dtype).expand(b, -1, -1, -1, -1) for r in raw]
-        cond = torch.zeros((b, c, t_padded, h, w), device=device, dtype=dtype)
-        cond[:, :, :1] = scaled[0]
-        if ends > 1:
-            if t_padded - pad < 2:
-                raise CogVXError("An end image needs at least 5 frames.")
-            cond[:, :, -1:] = scaled[1]
-        return cond
+            out = run_denoise(transformer, prepared.latents, cond=cond.to(device, dtype),
+                              uncond=None if uncond is None else uncond.to(device, dtype), schedule=model.schedule,
+                              timesteps=prepared.timesteps, num_steps=steps, sampler=sampler, guidance=float(cfg),
+                              dynamic_cfg=bool(dynamic_cfg), generator=generator,
+                              image_latents=prepared.image_latents, callback=on_step)
+        result = {"samples": to_raw(out, prepared.pad, sf).float().to(host.intermediate_device())}
+        if colours is not None:
+            result[preview.KEY] = colours
+        return (result,)

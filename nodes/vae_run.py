@@ -13,7 +13,7 @@ from typing import Callable
 
 import torch
 
-from .core import CogVXError
+from .core import CogVXError, Tiling
 
 from . import host
 
@@ -22,16 +22,19 @@ MIN_TILE = 64  # pixels; tiles shrink to this at most when memory runs out
 
 
 @dataclass(frozen=True)
-class Tiling:
+class TileSettings:
+    """A VAE node's tiling inputs."""
+
     mode: str = "auto"  # auto | on | off
     tile_height: int = 240  # pixels
     tile_width: int = 360
     overlap: float = 0.2  # of a tile, both directions
 
-    def args(self, scale: float = 1.0) -> dict:
-        return dict(tiled=True, tile_sample_min_height=max(MIN_TILE, int(self.tile_height * scale) // 8 * 8),
-                    tile_sample_min_width=max(MIN_TILE, int(self.tile_width * scale) // 8 * 8),
-                    tile_overlap_factor_height=self.overlap, tile_overlap_factor_width=self.overlap)
+    def tiling(self, scale: float = 1.0) -> Tiling:
+        """The VAE's tiling at `scale` times the tile size (tiles shrink when memory runs out)."""
+        return Tiling(tile_height=max(MIN_TILE, int(self.tile_height * scale) // 8 * 8),
+                      tile_width=max(MIN_TILE, int(self.tile_width * scale) // 8 * 8),
+                      overlap_height=self.overlap, overlap_width=self.overlap)
 
 
 def vae_memory(batch: int, height: int, width: int, dtype: torch.dtype) -> int:
@@ -40,9 +43,9 @@ def vae_memory(batch: int, height: int, width: int, dtype: torch.dtype) -> int:
     return int(batch * 128 * 10 * height * width * elem * 6)
 
 
-def run(vae_handle, work: Callable[..., torch.Tensor], batch: int, height: int, width: int, tiling: Tiling,
+def run(vae_handle, work: Callable[..., torch.Tensor], batch: int, height: int, width: int, tiling: TileSettings,
         node_id: str | None = None, what: str = "decode") -> torch.Tensor:
-    """work(tiled=..., tile args..., progress=callable) on the loaded VAE, tiled as `tiling` and memory say."""
+    """work(tiling=Tiling or None, progress=callable) on the loaded VAE, tiled as `tiling` and memory say."""
     vae = vae_handle.vae
     need = vae_memory(batch, height, width, vae.dtype)
     tile_need = vae_memory(batch, min(height, tiling.tile_height), min(width, tiling.tile_width), vae.dtype)
@@ -61,9 +64,8 @@ def run(vae_handle, work: Callable[..., torch.Tensor], batch: int, height: int, 
             bar.total = max(total, 1)
             bar.update(done)
 
-        args = tiling.args(scale) if scale is not None else dict(tiled=False)
         with torch.no_grad():
-            return work(progress=progress, **args)
+            return work(tiling=tiling.tiling(scale) if scale is not None else None, progress=progress)
 
     scale = 1.0 if tiled else None
     while True:

@@ -209,7 +209,7 @@ def t2v(name, title, model, vae, t5, variant, frames, width, height, *, sampler,
         prompt = (up, 0)
     pos, neg = _prompts(wf, t, prompt)
     lat = wf.add("CogVXEmptyLatent", {"variant": variant, "frames": frames, "width": width, "height": height,
-                                      "batch_size": 1, "model": (m, 0)})
+                                      "batch_size": 1, "model": (m, 0), "vae": (v, 0)})  # vae: preview colours
     _sample_and_save(wf, m, v, pos, neg, (lat, 0), sampler=sampler, dynamic=dynamic, fps=fps, prefix=name,
                      steps=steps)
     return wf

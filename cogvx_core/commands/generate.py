@@ -21,6 +21,8 @@ def add_arguments(p) -> None:
     p.add_argument("--prompt", required=True)
     p.add_argument("--negative-prompt", default="")
     p.add_argument("--image", help="start image (image-to-video models)")
+    p.add_argument("--end-image", help="end image (image-to-video models, with --image): the video ends on it; not "
+                   "part of the released models' training, results vary")
     p.add_argument("--video", help="input video file or folder of frames (video-to-video)")
     p.add_argument("--strength", type=float, default=0.8, help="video-to-video denoise strength (default 0.8)")
     p.add_argument("--frames", type=int, help="pixel frames, 4k+1 (default: the model's)")
@@ -67,6 +69,7 @@ def _parse_lora(spec: str) -> tuple[str, float]:
 
 def run(args) -> int:
     from ..pipeline import is_released_size, load_pipeline
+    from ..variants import snap_request, snap_video
     from ..video_io import frames_to_model_input, pil_to_model_input, read_frames, read_image, write_frames
 
     if args.model is None:
@@ -95,23 +98,30 @@ def run(args) -> int:
         cfg = pipe.transformer.config
         args.frames = args.frames or cfg["sample_frames"]
         height, width = height or cfg["sample_height"] * 8, width or cfg["sample_width"] * 8
-    image = video = None
+    if args.end_image and not args.image:
+        raise CogVXError("--end-image needs --image: the video starts on the start image and ends on the end image.")
+    image = end_image = video = None
+    notes = []
     if args.image:
-        pil = read_image(args.image)
         height, width = height or variant.height, width or variant.width
-        image = pil_to_model_input(pil, height, width)[None].to(pipe.dtype)  # (1, 3, H, W)
+        if variant.i2v:  # the size the run will have, so the images are resized once, as the nodes do
+            _, height, width, _ = snap_request(variant, args.frames or variant.frames, height, width, has_image=True,
+                                               released=is_released_size(pipe.transformer))
+        image = pil_to_model_input(read_image(args.image), height, width)[None].to(pipe.dtype)  # (1, 3, H, W)
+        if args.end_image:
+            end_image = pil_to_model_input(read_image(args.end_image), height, width)[None].to(pipe.dtype)
     if args.video:
         frames = read_frames(args.video)  # (T, H, W, 3)
-        height, width = height or frames.shape[1], width or frames.shape[2]
-        video = frames_to_model_input(frames, height, width)[None].to(pipe.dtype)  # (1, 3, T, H, W)
-        if args.frames:
-            video = video[:, :, : args.frames]
+        available = min(args.frames or frames.shape[0], frames.shape[0])
+        keep, height, width, notes = snap_video(available, height or frames.shape[1], width or frames.shape[2])
+        video = frames_to_model_input(frames[:keep], height, width)[None].to(pipe.dtype)  # (1, 3, T, H, W)
 
-    result = pipe.generate(args.prompt, args.negative_prompt, image=image, video=video, strength=args.strength,
+    result = pipe.generate(args.prompt, args.negative_prompt, image=image, end_image=end_image, video=video,
+                           strength=args.strength,
                            frames=args.frames, height=height, width=width, steps=args.steps,
                            guidance=args.guidance, dynamic_cfg=args.dynamic_cfg, sampler=args.sampler,
                            seed=args.seed, progress=_Bar("sampling"))
-    for note in result.notes:
+    for note in notes + result.notes:
         print(f"note: {note}", file=sys.stderr)
     out = write_frames(result.frames[0], args.out, fps=args.fps or variant.fps)
     print(out)

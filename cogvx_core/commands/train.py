@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import sys
 import time
-from pathlib import Path
 
 import torch
 
@@ -102,7 +101,7 @@ class TrainBar:
 
 
 def run(args) -> int:
-    from ..checkpoints.io import read_json
+    from ..checkpoints.folder import read_model_folder
     from ..checkpoints.transformer import load_transformer
     from ..checkpoints.vae import load_vae
     from ..pipeline import scaling
@@ -114,9 +113,10 @@ def run(args) -> int:
     from ..train.estimate import estimate
     from ..train.trainer import Trainer, TrainSettings, latest_checkpoint
 
-    root = Path(args.model)
-    if not (root / "transformer").is_dir():
-        raise CogVXError(f"--model {root}: not a diffusers-format CogVideoX folder (no transformer/ inside).")
+    folder = read_model_folder(args.model)
+    if folder.transformer is None or folder.vae is None or folder.text_encoder is None:
+        raise CogVXError(f"--model {args.model}: training needs a whole diffusers-format CogVideoX folder "
+                         "(transformer/, vae/, text_encoder/, tokenizer/); some are missing.")
     if not str(args.out).lower().endswith(".safetensors"):
         raise CogVXError(f"--out {args.out}: the output is a .safetensors file; use a name ending in .safetensors.")
     if args.resume and not args.checkpoint_dir:
@@ -127,7 +127,7 @@ def run(args) -> int:
     try:
         cuda = info.device.type == "cuda"
         dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if cuda else torch.float32)
-        transformer = load_transformer(root / "transformer", dtype=dtype, device=info.device)
+        transformer = load_transformer(folder.transformer, dtype=dtype, device=info.device)
         variant = transformer.variant
         frames = args.frames or variant.frames
         height, width = args.height or variant.height, args.width or variant.width
@@ -148,9 +148,9 @@ def run(args) -> int:
         settings.check()
 
         # encode what the cache lacks, then free the VAE and T5
-        vae = load_vae(root / "vae", dtype=dtype, device=info.device)
-        text_encoder = load_text_encoder(root, dtype=dtype, device=info.device,
-                                         max_length=transformer.config["max_text_seq_length"])
+        vae = load_vae(folder.vae, dtype=dtype, device=info.device)
+        text_encoder = load_text_encoder(folder.root, dtype=dtype, device=info.device,
+                                         max_length=folder.text_length or transformer.text_length)
         sf, _ = scaling(vae, variant)
 
         def prep(folder):
@@ -169,9 +169,7 @@ def run(args) -> int:
             for note in dataset.notes:
                 print(f"note: {note}", file=sys.stderr)
 
-        schedule = None
-        if (root / "scheduler" / "scheduler_config.json").is_file():
-            schedule = NoiseSchedule.from_config(read_json(root / "scheduler" / "scheduler_config.json", "scheduler"))
+        schedule = NoiseSchedule.from_config(folder.schedule_config) if folder.schedule_config else None
         trainer = Trainer(transformer, dataset, settings, schedule=schedule, scaling_factor=sf, dist=info,
                           checkpoint_dir=args.checkpoint_dir, val_dataset=val_dataset)
         if args.checkpoint_dir and not args.resume:

@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from cogvx_core.errors import CancelledError, CogVXError
-from cogvx_core.samplers import dynamic_guidance_scale, randn_like_reference, sample
+from cogvx_core.noise import randn_like_reference
+from cogvx_core.samplers import dynamic_guidance_scale, sample
 from cogvx_core.schedule import NoiseSchedule
 
 pytest.importorskip("diffusers", reason="diffusers is the reference oracle for these parity tests")

@@ -14,7 +14,7 @@ from safetensors.torch import save_file
 from cogvx_core import build_vae, load_vae
 from cogvx_core.errors import CheckpointError, CogVXError
 from cogvx_core.modules import causal_conv
-from cogvx_core.vae import CausalVAE, frame_chunks
+from cogvx_core.vae import CausalVAE, Tiling, frame_chunks
 from tests.core.vae_fixtures import (
     TINY_VAE_CONFIG, WEIGHTS_ONLY_VAE_CONFIG, random_state_dict, reference_vae, rel_l2, sat_key, vae_pair)
 
@@ -27,6 +27,14 @@ SMALL_TILES = dict(tile_sample_min_height=32, tile_sample_min_width=32,
                    tile_overlap_factor_height=0.25, tile_overlap_factor_width=0.25)
 # Settings whose stride and crop disagree: diffusers then returns a wider image, which must be reproduced as well.
 ODD_TILES = dict(SMALL_TILES, tile_overlap_factor_width=0.3)
+
+
+def tiling(reference_kwargs: dict) -> Tiling:
+    """Our Tiling for the reference's enable_tiling keywords."""
+    return Tiling(tile_height=reference_kwargs["tile_sample_min_height"],
+                  tile_width=reference_kwargs["tile_sample_min_width"],
+                  overlap_height=reference_kwargs["tile_overlap_factor_height"],
+                  overlap_width=reference_kwargs["tile_overlap_factor_width"])
 
 
 @pytest.fixture(scope="module")
@@ -165,14 +173,14 @@ def test_tiled_decode_matches_diffusers(pair):
     expected = _reference_tiled(reference, lambda v: reference.decode(v).sample, z, **SMALL_TILES)
     with torch.no_grad():
         plain = ours.decode(z)
-        got = ours.decode(z, **SMALL_TILES)
+        got = ours.decode(z, tiling=tiling(SMALL_TILES))
     assert got.shape == expected.shape == plain.shape
     assert rel_l2(got, expected) <= TOL
     assert rel_l2(got, plain) > 1e-4  # tiling really happened
 
     expected = _reference_tiled(reference, lambda v: reference.decode(v).sample, z, **ODD_TILES)
     with torch.no_grad():
-        got = ours.decode(z, **ODD_TILES)
+        got = ours.decode(z, tiling=tiling(ODD_TILES))
     assert got.shape == expected.shape != plain.shape  # the reference's wider result is reproduced too
     assert rel_l2(got, expected) <= TOL
 
@@ -182,14 +190,14 @@ def test_tiled_encode_matches_diffusers(pair):
     x = _pixels(1, 3, 9, 72, 88, seed=8)  # 32x32-pixel tiles with stride 24: 3 x 4 tiles
     expected = _reference_tiled(reference, lambda v: reference.encode(v).latent_dist.mean, x, **SMALL_TILES)
     with torch.no_grad():
-        got = ours.encode(x, **SMALL_TILES)
+        got = ours.encode(x, tiling=tiling(SMALL_TILES))
         plain = ours.encode(x)
     assert got.shape == expected.shape == plain.shape
     assert rel_l2(got, expected) <= TOL
     assert rel_l2(got, plain) > 1e-4
     expected = _reference_tiled(reference, lambda v: reference.encode(v).latent_dist.mean, x, **ODD_TILES)
     with torch.no_grad():
-        assert rel_l2(ours.encode(x, **ODD_TILES), expected) <= TOL
+        assert rel_l2(ours.encode(x, tiling=tiling(ODD_TILES)), expected) <= TOL
 
 
 def test_tiled_true_uses_the_reference_defaults_from_the_config(pair):
@@ -197,7 +205,7 @@ def test_tiled_true_uses_the_reference_defaults_from_the_config(pair):
     z = _latents(1, 4, 2, 9, 16, seed=9)  # default tiles: 6x10 latents, overlap 1/6 and 1/5: 2 x 2 tiles
     expected = _reference_tiled(reference, lambda v: reference.decode(v).sample, z)
     with torch.no_grad():
-        got = ours.decode(z, tiled=True)
+        got = ours.decode(z, tiling=Tiling())
         plain = ours.decode(z)
     assert got.shape == expected.shape == plain.shape
     assert rel_l2(got, expected) <= TOL
@@ -213,7 +221,7 @@ def test_progress_is_reported_per_chunk_and_can_cancel(pair):
 
     calls.clear()
     with torch.no_grad():
-        ours.decode(_latents(1, 4, 2, 6, 4), progress=lambda d, t: calls.append((d, t)), **SMALL_TILES)
+        ours.decode(_latents(1, 4, 2, 6, 4), progress=lambda d, t: calls.append((d, t)), tiling=tiling(SMALL_TILES))
     assert calls == [(i, 4) for i in (1, 2, 3, 4)]  # 2 x 2 tiles of one chunk each
 
     class Stop(Exception):
@@ -371,6 +379,6 @@ def test_load_errors_name_the_problem_and_the_fix(pair, tmp_path):
 def test_tiling_settings_without_a_stride_are_refused(pair):
     ours, _, _ = pair
     with pytest.raises(CogVXError, match="stride"):
-        ours.decode(_latents(1, 4, 1, 8, 8), tile_sample_min_height=8, tile_sample_min_width=32)
+        ours.decode(_latents(1, 4, 1, 8, 8), tiling=Tiling(tile_height=8, tile_width=32))
     with pytest.raises(CogVXError, match="overlap"):
-        ours.decode(_latents(1, 4, 1, 8, 8), tile_overlap_factor_width=1.5)
+        ours.decode(_latents(1, 4, 1, 8, 8), tiling=Tiling(overlap_width=1.5))

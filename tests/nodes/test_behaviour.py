@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from cogvx_core.errors import CogVXError
+from cogvx_core.pipeline import prepare_latents
 from nodes import NODE_CLASS_MAPPINGS as N
 from nodes import host, preview
 
@@ -186,7 +187,7 @@ def _spy_decode(vae, fail_untiled=False):
 
     def spy(z, **kwargs):
         calls.append(kwargs)
-        if fail_untiled and not kwargs.get("tiled"):
+        if fail_untiled and kwargs.get("tiling") is None:
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 8.00 GiB")
         return decode(z, **kwargs)
 
@@ -205,8 +206,8 @@ def test_auto_tiling_when_memory_is_short(tiny, monkeypatch):
         (tiled,) = N["CogVXDecode"]().decode(tiny["vae"], z, "auto", 64, 64, 0.25)
     finally:
         del tiny["vae"].vae.decode
-    assert calls[0] == {"tiled": False, "progress": calls[0]["progress"]}
-    assert calls[1]["tiled"] and calls[1]["tile_sample_min_height"] == calls[1]["tile_sample_min_width"] == 64
+    assert calls[0] == {"tiling": None, "progress": calls[0]["progress"]}
+    assert calls[1]["tiling"].tile_height == calls[1]["tiling"].tile_width == 64
     assert any("using 64x64 tiles" in s for s in said)
     assert untiled.shape == tiled.shape == (1, 96, 96, 3)
     assert not torch.equal(untiled, tiled)  # really tiled (blended seams)
@@ -224,7 +225,7 @@ def test_out_of_memory_retries_with_tiles(tiny, monkeypatch):
             N["CogVXDecode"]().decode(tiny["vae"], {"samples": torch.randn(1, 16, 1, 12, 12)}, "off")
     finally:
         del tiny["vae"].vae.decode
-    assert [c["tiled"] for c in calls] == [False, True, False]
+    assert [c["tiling"] is not None for c in calls] == [False, True, False]
     assert frames.shape == (1, 96, 96, 3) and any("ran out of memory; retrying with tiles" in s for s in said)
 
 
@@ -270,8 +271,14 @@ def test_end_image_goes_to_the_last_latent_frame(tiny):
                                                          32, 1, end_image=torch.rand(1, 32, 32, 3),
                                                          model=tiny["i2v"])["result"]
     assert image_cond["samples"].shape == (1, 16, 2, 4, 4) and image_cond["cogvx_moments"].shape == (1, 32, 2, 4, 4)
-    cond = N["CogVXSampler"]._image_latents(image_cond, torch.Generator().manual_seed(0), (1, 16, 4, 4, 4), 1,
-                                            0.7, True, torch.float32, torch.device("cpu"))
+    model = tiny["i2v"]
+    moments = image_cond["cogvx_moments"]
+    prepared = prepare_latents(model.transformer, model.schedule, batch=1, frames=9, height=32, width=32, steps=2,
+                               generator=torch.Generator().manual_seed(0), scaling_factor=0.7,
+                               invert_scale_latents=True, start_image=moments[:, :, :1], end_image=moments[:, :, 1:])
+    assert prepared.pad == 1  # 3 latent frames, padded to 4 at the front for 1.5
+    cond = prepared.image_latents
+    assert cond.shape == (1, 16, 4, 4, 4)
     assert cond[:, :, 0].abs().sum() > 0 and cond[:, :, -1].abs().sum() > 0
     assert cond[:, :, 1:-1].abs().sum() == 0
 
@@ -327,17 +334,27 @@ def test_preview_projection_recovers_a_linear_decoder():
     image = np.asarray(preview.latent_to_image(raw, (w, b))).astype(float)  # (4, 5, 3) of the middle frame
     expected = ((torch.einsum("oc,chw->hwo", weight, raw[0, :, 1]) + bias).clamp(-1, 1) + 1) * 127.5
     assert np.abs(image - expected.numpy()).max() <= 1
-    structure = preview.latent_to_image(raw, None) if preview.latest() is None else None
-    assert structure is None or structure.size == (5, 4)
+    structure = np.asarray(preview.latent_to_image(raw, None)).astype(float)  # no colours: the structure, stretched
+    assert structure.shape == (4, 5, 3) and structure.min() == 0 and structure.max() == 255
 
 
-def test_vae_loader_fits_the_preview_projection_when_previews_are_on(models, monkeypatch):
-    preview.forget()
+def test_preview_colours_travel_with_the_latents_of_their_vae(models, monkeypatch):
+    """Each VAE fits its own colours once; the latents its nodes make carry them to the sampler, so a graph previews
+    with the VAE that made the latent, whichever VAE was loaded last."""
     monkeypatch.setattr(host, "previews_enabled", lambda: True)
-    N["CogVXVAELoader"]().load("tiny-5b/vae", "fp32")
-    weight, bias = preview.latest()
-    assert weight.shape == (3, 16) and bias.shape == (3,) and torch.isfinite(weight).all()
-    preview.forget()
+    (vae_a,) = N["CogVXVAELoader"]().load("tiny-5b/vae", "fp32")
+    (vae_b,) = N["CogVXVAELoader"]().load("tiny-1.5-i2v/vae", "fp32")
+    empty = N["CogVXEmptyLatent"]()
+    with_a = empty.make("5b", 5, 48, 32, 1, vae=vae_a)["result"][0]
+    with_b = empty.make("5b", 5, 48, 32, 1, vae=vae_b)["result"][0]
+    weight_a, bias_a = with_a[preview.KEY]
+    assert weight_a.shape == (3, 16) and bias_a.shape == (3,) and torch.isfinite(weight_a).all()
+    assert with_a[preview.KEY] is vae_a.preview_colours  # fitted once per VAE
+    assert not torch.equal(weight_a, with_b[preview.KEY][0])
+    assert preview.colours(None, with_b) is with_b[preview.KEY]
+    assert preview.KEY not in empty.make("5b", 5, 48, 32, 1)["result"][0]  # no VAE connected
+    monkeypatch.setattr(host, "previews_enabled", lambda: False)
+    assert preview.KEY not in empty.make("5b", 5, 48, 32, 1, vae=vae_a)["result"][0]  # previews off: nothing fitted
 
 
 # ---- the host module outside ComfyUI --------------------------------------------------------------------------------
