@@ -13,7 +13,7 @@ import time
 import torch
 
 from ..errors import CogVXError
-from ..variants import get_variant
+from ..variants import get_variant, latent_frames
 
 HELP = "benchmark the transformer forward and VAE decode against the reference implementation"
 
@@ -67,7 +67,7 @@ def bench_transformer(args) -> dict:
     cfg = variant.transformer_config(num_layers=args.layers)
     if cfg["patch_size_t"]:
         cfg.update(sample_height=300, sample_width=300)
-    lat_t, lat_h, lat_w = (args.frames - 1) // 4 + 1, args.height // 8, args.width // 8
+    lat_t, lat_h, lat_w = latent_frames(args.frames), args.height // 8, args.width // 8
     if cfg["patch_size_t"] and lat_t % 2:
         lat_t += 1
     if cfg["use_learned_positional_embeddings"]:

@@ -70,6 +70,7 @@ def _prepare(args, work: Path) -> None:
     from ..train.dataset import CogVXDataset, Entry, save_manifest
     from ..train.trainer import Trainer
     from ..transformer import build_transformer
+    from ..variants import latent_frames
 
     cfg = _config(args)
     torch.manual_seed(0)
@@ -83,7 +84,7 @@ def _prepare(args, work: Path) -> None:
     (work / "config.json").write_text(json.dumps(cfg))
 
     g = torch.Generator().manual_seed(1)
-    lat_t = (args.frames - 1) // 4 + 1
+    lat_t = latent_frames(args.frames)
     h, w = args.height // 8, args.width // 8
     cache = Cache(work / "cache")
     entries = []

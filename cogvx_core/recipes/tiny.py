@@ -414,6 +414,7 @@ def init_transformer(config: dict, seed: int):
     output projection zeroed (adaLN-Zero: each block starts as the identity, which trains faster from scratch)."""
     from ..modules.embeddings import sincos_1d_table
     from ..transformer import build_transformer
+    from ..variants import latent_frames
 
     torch.manual_seed(seed)
     model = build_transformer(config, device="cpu", dtype=torch.float32)
@@ -430,7 +431,7 @@ def init_transformer(config: dict, seed: int):
             # Video rows: the 3D sin-cos table (2b's). Text rows (zero in 2b): 1D sin-cos of the token index, so the
             # model can tell "a white square on a blue background" from "a blue square on a white background".
             p, length = config["patch_size"], config["max_text_seq_length"]
-            grid = ((config["sample_frames"] - 1) // 4 + 1, config["sample_height"] // p, config["sample_width"] // p)
+            grid = (latent_frames(config["sample_frames"]), config["sample_height"] // p, config["sample_width"] // p)
             table = model._sincos(*grid, torch.device("cpu"))  # (text + video tokens, D), text rows 0
             table[:length] = sincos_1d_table(table.shape[1], length).to(table.dtype)
             model.patch_embed.pos_embedding.copy_(table[None])

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import CogVXError
-from ..variants import Variant
+from ..variants import Variant, latent_frames
 from ..video_io import IMAGE_SUFFIXES, VIDEO_SUFFIXES, read_frames, read_image
 from .buckets import Buckets, assign
 from .cache import Cache, key_of, module_fingerprint
@@ -346,7 +346,7 @@ def prepare_dataset(folder: str | os.PathLike, *, vae, text_encoder, variant: Va
         latent_key = key_of("latents", {"media": digest, "frames": frames, "size": [h, w], "fps": target_fps,
                                         "crop": "center", "vae": vae_id})
         text_key = key_of("text", {"caption": item.caption, "encoder": text_id})
-        entries.append(Entry(str(item.path), item.caption, item.kind, frames, h, w, (frames - 1) // 4 + 1,
+        entries.append(Entry(str(item.path), item.caption, item.kind, frames, h, w, latent_frames(frames),
                              latent_key, text_key))
     cache.save_digests()
     probes.save()
