@@ -11,6 +11,11 @@
 # runtime dependencies and comfy-cli (the headless client the test drives), plus playwright when Debian's chromium
 # is installed (for the test's browser check), then prints the two variables the host test reads. Re-running it
 # only checks what is there. torch comes from PyPI, a CUDA build: the test server runs it with --cpu all the same.
+#
+# The trees the host test is run on are ComfyUI's own commits: 0.3.54 = c7bb3e2b, 0.20.1 = f6d5068a, 0.33.0 = 783545f6
+# (e.g. `git -C GITDIR archive COMMIT -- . ':(exclude)PATH' | tar -x -C DIR`; a mirror that lacks a few large
+# tokenizer files of other models, such as comfy/text_encoders/llama_tokenizer/tokenizer.json, works with those
+# files excluded: the pack and the test never use them).
 set -euo pipefail
 
 if [[ $# -ne 2 ]]; then
