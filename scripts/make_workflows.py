@@ -224,7 +224,10 @@ def _sample_and_save(wf: Workflow, m, v, pos, neg, latent, *, sampler, dynamic, 
     d = wf.add("CogVXDecode", {"vae": (v, 0), "samples": (s, 0), "tiling": "auto", "tile_height": 240,
                                "tile_width": 360, "overlap": 0.2})
     c = wf.add("CreateVideo", {"images": (d, 0), "fps": float(fps)})
-    wf.add("SaveVideo", {"video": (c, 0), "filename_prefix": f"cogvx/{prefix}", "format": "auto", "codec": "auto"})
+    # ComfyUI 0.33 made SaveVideo's codec a sub-input of its format ("format.codec", what its frontend sends beside
+    # the older "codec"); earlier hosts ignore the key. The UI file keeps the widget values every frontend reads.
+    wf.add("SaveVideo", {"video": (c, 0), "filename_prefix": f"cogvx/{prefix}", "format": "auto",
+                         "format.codec": "auto", "codec": "auto"})
 
 
 def t2v(name, title, model, vae, t5, variant, frames, width, height, *, sampler, dynamic, fps, caption=False,

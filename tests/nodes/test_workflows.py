@@ -101,6 +101,9 @@ def ui_to_api(ui: dict) -> dict:
                         names.append("control_after_generate")
         assert len(names) == len(node["widgets_values"]), (cls, names, node["widgets_values"])
         inputs = {n: v for n, v in zip(names, node["widgets_values"]) if n not in ("upload", "control_after_generate")}
+        if cls == "SaveVideo":  # ComfyUI 0.33's frontend sends the codec as the format's sub-input too
+            inputs = {"filename_prefix": inputs["filename_prefix"], "format": inputs["format"],
+                      "format.codec": inputs["codec"], "codec": inputs["codec"]}
         for entry in node["inputs"]:
             if entry["link"] is not None:
                 link = links[entry["link"]]
