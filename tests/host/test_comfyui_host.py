@@ -8,7 +8,9 @@ Checked: every node id in /object_info (and the core nodes the workflows use, wi
 them); every API workflow, shrunk for a CPU, runs through POST /prompt to success with progress and live previews;
 a missing model is refused at validation; a failing node reports execution_error and the server keeps serving;
 Cancel stops a run within a step; a resubmitted prompt is served from the cache; models go through ComfyUI's memory
-manager; and one workflow runs through comfy-cli's `comfy run`.
+manager; one workflow runs through comfy-cli's `comfy run`; every template (example_workflows/) is listed with its
+thumbnail and loads in the host's own frontend with the zod schema check on, raising no alert.
+Hosts it passes on: ComfyUI 0.3.54, 0.20.1 and 0.33.0 (scripts/setup_comfyui_host.sh says which commits).
 """
 
 from __future__ import annotations
