@@ -1,8 +1,17 @@
-"""Writes the example workflows: workflows/<name>.json (UI format, to drag into ComfyUI) and workflows/api/<name>.json
-(API format, for POST /prompt and `comfy run`), both from one description per workflow below.
+"""Writes the example workflows from one description per workflow below:
 
-    python scripts/make_workflows.py            # rewrite them
-    python scripts/make_workflows.py --check    # exit 1 if a file differs from what this script writes
+- example_workflows/<template>.json: UI format, to drag into ComfyUI. This is the folder ComfyUI offers a pack's
+  templates from (Workflow > Browse Templates, under the pack's folder name). The frontend shows a template's file
+  name as its title and sorts by it, so <template> is "CogVX <n> - <title>"; beside it <template>.jpg, the card's
+  thumbnail. The graph id is a UUID (the frontend's schema check asks for one) derived from the workflow's name.
+- workflows/api/<name>.json: API format, for POST /prompt and `comfy run`.
+
+    python scripts/make_workflows.py               # rewrite them
+    python scripts/make_workflows.py --thumbnails  # also redraw the .jpg cards (cogvx-tiny's shows its own frames)
+    python scripts/make_workflows.py --check       # exit 1 if a file differs from what this script writes
+
+train_lora's UI file is written by hand (the training nodes' owner keeps it); this script only sets its id and
+extra.cogvx and keeps the rest.
 
 The UI files follow what the frontend saves (nodes with positional widgets_values, a links table, "fixed" after
 each seed widget, the upload button's value after LoadImage/LoadVideo's file); our nodes' widget order is read from
@@ -13,7 +22,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
 import sys
+import tempfile
+import uuid
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,6 +43,10 @@ V2V_PROMPT = ("A watercolor painting in motion, soft washes of colour, visible p
 TINY_PROMPT = "a red circle moves to the left on a black background"
 TINY = "cogvx-tiny (built in)"  # the model folder that ships in cogvx_core/models (nodes/host.py lists it)
 T5_URL = "https://huggingface.co/comfyanonymous/flux_text_encoders/resolve/main/t5xxl_fp16.safetensors"
+TEMPLATES = ROOT / "example_workflows"
+API = ROOT / "workflows" / "api"
+# The graph ids: uuid5 of the workflow's name in this namespace, so every run writes the same files.
+NAMESPACE = uuid.uuid5(uuid.NAMESPACE_DNS, "cogvx.workflows")
 
 # Core nodes the workflows use: (inputs in order as (name, type) with type "WIDGET" for widgets, outputs,
 # an extra widget value the frontend saves after a widget).
@@ -71,6 +87,12 @@ class Workflow:
     def __init__(self, name: str, title: str):
         self.name, self.title = name, title
         self.nodes: list[dict] = []
+        self.template = ""  # the UI file's name (the template's title), set by workflows()
+        self.needs = ""  # what to download first, for the thumbnail; "" = runs with no download
+
+    @property
+    def graph_id(self) -> str:
+        return graph_id(self.name)
 
     def add(self, class_type: str, inputs: dict, *, title: str | None = None, models: list | None = None) -> int:
         node_id = len(self.nodes) + 1
@@ -136,9 +158,18 @@ class Workflow:
             if n["title"]:
                 node["title"] = n["title"]
             ui_nodes.append(node)
-        return {"id": f"cogvx-{self.name}", "revision": 0, "last_node_id": len(self.nodes),
+        return {"id": self.graph_id, "revision": 0, "last_node_id": len(self.nodes),
                 "last_link_id": len(links), "nodes": ui_nodes, "links": links, "groups": [], "config": {},
-                "extra": {"cogvx": {"title": self.title}}, "version": 0.4}
+                "extra": {"cogvx": extra_cogvx(self.name, self.title, self.needs)}, "version": 0.4}
+
+
+def graph_id(name: str) -> str:
+    return str(uuid.uuid5(NAMESPACE, name))
+
+
+def extra_cogvx(name: str, title: str, needs: str) -> dict:
+    """What the UI file says about itself: its API twin, its title, and whether it runs with no download."""
+    return {"name": name, "api": f"workflows/api/{name}.json", "title": title, "no_download": not needs}
 
 
 def _link_to(links, node_id: int, name: str, wf: Workflow) -> int:
@@ -193,7 +224,10 @@ def _sample_and_save(wf: Workflow, m, v, pos, neg, latent, *, sampler, dynamic, 
     d = wf.add("CogVXDecode", {"vae": (v, 0), "samples": (s, 0), "tiling": "auto", "tile_height": 240,
                                "tile_width": 360, "overlap": 0.2})
     c = wf.add("CreateVideo", {"images": (d, 0), "fps": float(fps)})
-    wf.add("SaveVideo", {"video": (c, 0), "filename_prefix": f"cogvx/{prefix}", "format": "auto", "codec": "auto"})
+    # ComfyUI 0.33 made SaveVideo's codec a sub-input of its format ("format.codec", what its frontend sends beside
+    # the older "codec"); earlier hosts ignore the key. The UI file keeps the widget values every frontend reads.
+    wf.add("SaveVideo", {"video": (c, 0), "filename_prefix": f"cogvx/{prefix}", "format": "auto",
+                         "format.codec": "auto", "codec": "auto"})
 
 
 def t2v(name, title, model, vae, t5, variant, frames, width, height, *, sampler, dynamic, fps, caption=False,
@@ -240,7 +274,7 @@ def v2v(name, title, model, vae, t5, frames, width, height, *, fps):
 
 
 def workflows() -> list[Workflow]:
-    return [
+    wfs = [
         t2v("cogvx_t2v_2b", "CogVideoX-2b text to video (model folder)", "CogVideoX-2b", "CogVideoX-2b/vae",
             "CogVideoX-2b/text_encoder", "2b", 49, 720, 480, sampler="ddim", dynamic=False, fps=8),
         t2v("cogvx_t2v_5b", "CogVideoX-5b text to video (single files)", "cogvideox_5b_bf16.safetensors",
@@ -262,30 +296,165 @@ def workflows() -> list[Workflow]:
             TINY, f"{TINY}/vae", f"{TINY}/text_encoder", "5b", 9, 64, 64, sampler="ddim", dynamic=False, fps=8,
             prompt=TINY_PROMPT, steps=25),
     ]
+    for wf in wfs:
+        wf.template = template_name(wf.name)
+        wf.needs = next(needs for name, _, needs in ORDER if name == wf.name)
+    return wfs
+
+
+# The templates in the order the template browser shows them (by file name): its title, what it needs first.
+ORDER = [
+    ("cogvx_t2v_tiny", "cogvx-tiny text to video (no download)", ""),
+    ("cogvx_t2v_2b", "CogVideoX-2b text to video", "CogVideoX-2b in models/cogvideox"),
+    ("cogvx_t2v_5b", "CogVideoX-5b text to video (single files)",
+     "a CogVideoX-5b transformer, its VAE and t5xxl_fp16 (models/diffusion_models, vae, text_encoders)"),
+    ("cogvx_t2v_5b_caption", "CogVideoX-5b text to video, LLM-written prompt",
+     "CogVideoX-5b in models/cogvideox, an instruction LLM in models/LLM (or a server)"),
+    ("cogvx_i2v_5b", "CogVideoX-5b-I2V image to video", "CogVideoX-5b-I2V in models/cogvideox, a start image"),
+    ("cogvx_v2v_5b", "CogVideoX-5b video to video", "CogVideoX-5b in models/cogvideox, an input video"),
+    ("cogvx_t2v_1.5", "CogVideoX1.5-5B text to video", "CogVideoX1.5-5B in models/cogvideox, t5xxl_fp16"),
+    ("cogvx_i2v_1.5", "CogVideoX1.5-5B-I2V image to video",
+     "CogVideoX1.5-5B-I2V in models/cogvideox, t5xxl_fp16, a start image"),
+    ("train_lora", "train a LoRA on your clips",
+     "CogVideoX-5b in models/cogvideox, captioned clips in models/training_data"),
+]
+HANDWRITTEN = {"train_lora": "CogVideoX-5b LoRA training"}  # name: title of the UI files kept by hand
+
+
+def template_name(name: str) -> str:
+    index = [n for n, _, _ in ORDER].index(name)
+    return f"CogVX {index + 1} - {ORDER[index][1]}"
+
+
+def handwritten_ui(name: str, title: str) -> str:
+    """The hand-kept UI file, with the id and extra.cogvx this script gives every template."""
+    path = TEMPLATES / f"{template_name(name)}.json"
+    ui = json.loads(path.read_text())
+    needs = next(n for key, _, n in ORDER if key == name)
+    ui["id"] = graph_id(name)
+    ui.setdefault("extra", {})["cogvx"] = extra_cogvx(name, title, needs)
+    return dump(ui)
+
+
+def dump(d: dict) -> str:
+    return json.dumps(d, indent=1, ensure_ascii=False) + "\n"
 
 
 def render(wf: Workflow) -> dict[Path, str]:
-    dump = lambda d: json.dumps(d, indent=1, ensure_ascii=False) + "\n"  # noqa: E731
-    return {ROOT / "workflows" / f"{wf.name}.json": dump(wf.ui()),
-            ROOT / "workflows" / "api" / f"{wf.name}.json": dump(wf.api())}
+    return {TEMPLATES / f"{wf.template}.json": dump(wf.ui()), API / f"{wf.name}.json": dump(wf.api())}
+
+
+def expected_files() -> dict[Path, str]:
+    """Every generated file and its text (the thumbnails are listed with text None: drawn on request)."""
+    files: dict[Path, str | None] = {}
+    for wf in workflows():
+        files.update(render(wf))
+    for name, title in HANDWRITTEN.items():
+        files[TEMPLATES / f"{template_name(name)}.json"] = handwritten_ui(name, title)
+        files[API / f"{name}.json"] = (API / f"{name}.json").read_text()  # kept as it is
+    for name, _, _ in ORDER:
+        files[TEMPLATES / f"{template_name(name)}.jpg"] = None
+    return files
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Thumbnails
+# ---------------------------------------------------------------------------------------------------------------
+def tiny_frames() -> list:
+    """Frames of the tiny workflow's video, made by the built-in model through the CLI (seconds on a CPU)."""
+    from cogvx_core.video_io import read_frames
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "tiny.mp4"
+        subprocess.run([sys.executable, "-m", "cogvx_core", "generate", "--prompt", TINY_PROMPT, "--out", str(out),
+                        "--sampler", "ddim", "--steps", "25", "--seed", "42"], check=True, cwd=ROOT,
+                       capture_output=True)
+        frames = read_frames(out)  # (T, H, W, 3) in 0..1
+    return [(f.clamp(0, 1) * 255).round().byte().numpy() for f in frames]
+
+
+def thumbnail(path: Path, title: str, needs: str, frames: list | None) -> None:
+    """A 512x512 card: the title, then the video's frames (cogvx-tiny) or what the workflow needs first."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    def font(size: int, bold: bool = False):
+        name = "DejaVuSans-Bold.ttf" if bold else "DejaVuSans.ttf"
+        try:
+            return ImageFont.truetype(f"/usr/share/fonts/truetype/dejavu/{name}", size)
+        except OSError:
+            return ImageFont.load_default(size)
+
+    def wrap(draw, text: str, fnt, width: int) -> list[str]:
+        lines, line = [], ""
+        for word in text.split():
+            trial = f"{line} {word}".strip()
+            if draw.textlength(trial, font=fnt) <= width or not line:
+                line = trial
+            else:
+                lines.append(line)
+                line = word
+        return lines + [line] if line else lines
+
+    img = Image.new("RGB", (512, 512), (24, 26, 32))
+    draw = ImageDraw.Draw(img)
+    draw.rectangle([0, 0, 511, 8], fill=(120, 200, 120) if not needs else (90, 140, 220))
+    draw.text((32, 36), "CogVX", font=font(26, bold=True), fill=(150, 190, 255))
+    y = 84
+    for line in wrap(draw, title, font(36, bold=True), 448):
+        draw.text((32, y), line, font=font(36, bold=True), fill=(240, 240, 240))
+        y += 46
+    y += 16
+    if frames:
+        picks = [frames[i * (len(frames) - 1) // 2] for i in range(3)]
+        for i, frame in enumerate(picks):
+            tile = Image.fromarray(frame).resize((136, 136), Image.NEAREST)
+            img.paste(tile, (32 + i * 156, y))
+        y += 156
+        note = "Runs with no download: the built-in model ships with the pack."
+        colour = (140, 220, 140)
+    else:
+        note = f"Needs: {needs}."
+        colour = (190, 190, 200)
+    for line in wrap(draw, note, font(22), 448):
+        draw.text((32, y), line, font=font(22), fill=colour)
+        y += 30
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img.save(path, "JPEG", quality=88)
+
+
+def draw_thumbnails() -> None:
+    frames = tiny_frames()
+    for name, title, needs in ORDER:
+        thumbnail(TEMPLATES / f"{template_name(name)}.jpg", title, needs, frames if not needs else None)
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--check", action="store_true")
+    ap.add_argument("--thumbnails", action="store_true")
     args = ap.parse_args()
+    files = expected_files()
     stale = []
-    for wf in workflows():
-        for path, text in render(wf).items():
-            if args.check:
-                if not path.is_file() or path.read_text() != text:
-                    stale.append(path)
-            else:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                path.write_text(text)
+    for path, text in files.items():
+        if text is None:
+            if not path.is_file():
+                stale.append(path)
+        elif args.check:
+            if not path.is_file() or path.read_text() != text:
+                stale.append(path)
+        else:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(text)
+    extra = [p for folder in (TEMPLATES, API) for p in folder.iterdir() if p not in files]
+    if args.thumbnails and not args.check:
+        draw_thumbnails()
+        stale = [p for p in stale if not p.is_file()]
     for path in stale:
-        print(f"out of date: {path.relative_to(ROOT)} (run python scripts/make_workflows.py)")
-    return 1 if stale else 0
+        print(f"out of date: {path.relative_to(ROOT)} (run python scripts/make_workflows.py"
+              f"{' --thumbnails' if path.suffix == '.jpg' else ''})")
+    for path in extra:
+        print(f"not written by this script: {path.relative_to(ROOT)} (remove it, or add it here)")
+    return 1 if stale or extra else 0
 
 
 if __name__ == "__main__":

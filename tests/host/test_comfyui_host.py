@@ -8,7 +8,9 @@ Checked: every node id in /object_info (and the core nodes the workflows use, wi
 them); every API workflow, shrunk for a CPU, runs through POST /prompt to success with progress and live previews;
 a missing model is refused at validation; a failing node reports execution_error and the server keeps serving;
 Cancel stops a run within a step; a resubmitted prompt is served from the cache; models go through ComfyUI's memory
-manager; and one workflow runs through comfy-cli's `comfy run`.
+manager; one workflow runs through comfy-cli's `comfy run`; every template (example_workflows/) is listed with its
+thumbnail and loads in the host's own frontend with the zod schema check on, raising no alert.
+Hosts it passes on: ComfyUI 0.3.54, 0.20.1 and 0.33.0 (scripts/setup_comfyui_host.sh says which commits).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import socket
 import subprocess
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -46,6 +49,8 @@ NODE_IDS = ["CogVXModelLoader", "CogVXVAELoader", "CogVXT5Loader", "CogVXTextEnc
 FOLDERS = {"CogVideoX-2b": "2b", "CogVideoX-5b": "5b", "CogVideoX-5b-I2V": "5b-i2v", "CogVideoX1.5-5B": "1.5-5b",
            "CogVideoX1.5-5B-I2V": "1.5-5b-i2v"}
 WORKFLOWS = sorted((ROOT / "workflows" / "api").glob("*.json"))
+TEMPLATES = {p.stem: p for p in sorted((ROOT / "example_workflows").glob("*.json"))}  # the UI files, by name
+PACK = "cogvx"  # the pack's folder name in custom_nodes (build_base links it so)
 CLIENT = Path(__file__).with_name("comfy_client.py")
 PREVIEW_EVENTS = {"1", "2", "4"}  # PREVIEW_IMAGE, UNENCODED_PREVIEW_IMAGE, PREVIEW_IMAGE_WITH_METADATA
 
@@ -83,7 +88,7 @@ def write_inputs(input_dir: Path) -> None:
 
 def build_base(base: Path) -> None:
     (base / "custom_nodes").mkdir(parents=True)
-    os.symlink(ROOT, base / "custom_nodes" / "cogvx", target_is_directory=True)
+    os.symlink(ROOT, base / "custom_nodes" / PACK, target_is_directory=True)
     models = base / "models"
     for name, variant in FOLDERS.items():
         write_pipeline_folder(models / "cogvideox" / name, variant, seed=len(name))
@@ -232,8 +237,12 @@ def events(record: dict) -> list[str]:
 def test_every_node_is_registered_with_its_inputs(server):
     info = server.get("/object_info")
     assert set(NODE_IDS) <= set(info)
-    for node_id in NODE_IDS:
-        assert info[node_id]["category"].startswith("CogVX") and info[node_id]["display_name"].startswith("CogVX")
+    ours = [k for k, v in info.items() if v.get("python_module", "").endswith(f"custom_nodes.{PACK}")]
+    assert set(NODE_IDS) <= set(ours), set(NODE_IDS) - set(ours)
+    for node_id in ours:  # every node sits in a folder of the CogVX menu
+        category = info[node_id]["category"]
+        assert category.startswith("CogVX/") and category.count("/") == 1, (node_id, category)
+        assert info[node_id]["display_name"].startswith("CogVX"), node_id
     required = info["CogVXModelLoader"]["input"]["required"]
     builtin = ["cogvx-tiny (built in)"] if builtin_models() else []  # the shipped model comes first
     assert required["model"][0] == builtin + sorted(FOLDERS) + ["cogvideox_5b_bf16.safetensors"]
@@ -346,32 +355,57 @@ def test_comfy_cli_runs_a_workflow_as_a_client(server, tmp_path):
 
 
 def test_ui_workflows_load_in_the_real_frontend(server, tmp_path):
-    """Each UI workflow, loaded into the host's own frontend (headless Chromium) and converted by its graphToPrompt,
-    is its API twin; and web/cogvx.js snaps the widgets in the editor."""
+    """Each template, fetched from the server and loaded into the host's own frontend (headless Chromium) with its
+    workflow validation on, raises no alert (the zod schema check) and names no unknown node; converted by the
+    frontend's graphToPrompt it is its API twin; and web/cogvx.js snaps the widgets in the editor."""
     probe = subprocess.run([COMFYUI_PYTHON, "-c", "import playwright"], capture_output=True)
     if probe.returncode != 0 or not Path("/usr/bin/chromium").is_file():
         pytest.skip("no browser check: needs Debian's chromium and `pip install playwright` in the host's python")
+    names = tmp_path / "names.json"
+    names.write_text(json.dumps({"pack": PACK, "names": sorted(TEMPLATES)}))
     out = tmp_path / "browser.json"
-    subprocess.run([COMFYUI_PYTHON, str(Path(__file__).with_name("browser_check.py")), server.url,
-                    str(ROOT / "workflows"), str(out)], check=True, timeout=600, env=dict(os.environ, HOME=str(tmp_path)))
+    subprocess.run([COMFYUI_PYTHON, str(Path(__file__).with_name("browser_check.py")), server.url, str(names),
+                    str(out)], check=True, timeout=600, env=dict(os.environ, HOME=str(tmp_path)))
     result = json.loads(out.read_text())
     info = server.get("/object_info")
 
-    def declared(cls, inputs):  # frontend-only widgets (e.g. LoadVideo's preview) are ignored by the server too
+    def declared(cls, inputs, twin):
+        """The inputs the server reads (frontend-only widgets such as LoadVideo's preview are dropped), less an
+        optional input that the API twin leaves out and the frontend sends at its declared default (ComfyUI 0.33's
+        CreateVideo bit_depth): the server fills that default itself."""
         spec = info[cls]["input"]
-        return {k: v for k, v in inputs.items() if k in {**spec["required"], **spec.get("optional", {})}}
+        optional = spec.get("optional", {})
+        known = {**spec["required"], **optional}
 
-    for path in WORKFLOWS:
-        api = {k: {"inputs": v["inputs"], "class_type": v["class_type"]} for k, v in json.loads(path.read_text()).items()}
-        converted = {k: {"inputs": declared(v["class_type"], v["inputs"]), "class_type": v["class_type"]}
-                     for k, v in result["prompts"][path.stem].items()}
-        assert converted == api, path.stem
+        def default(name):
+            return (optional[name] + [{}])[1].get("default") if name in optional else None
+
+        return {k: v for k, v in inputs.items()
+                if k in known and not (k in optional and k not in twin and v == default(k))}
+
+    assert result["validation"] in (True, None) and result["hooked"], result  # None: no settings API to ask
+    assert any("zod" in a.lower() or "invalid workflow" in a.lower() for a in result["control"]), result["control"]
+    for stem, path in TEMPLATES.items():
+        assert result["alerts"][stem] == [] and result["missing"][stem] == [], (stem, result["alerts"][stem])
+        api_path = ROOT / json.loads(path.read_text())["extra"]["cogvx"]["api"]
+        twin = json.loads(api_path.read_text())
+        api = {k: {"inputs": declared(v["class_type"], v["inputs"], v["inputs"]), "class_type": v["class_type"]}
+               for k, v in twin.items()}
+        converted = {k: {"inputs": declared(v["class_type"], v["inputs"], twin.get(k, {}).get("inputs", {})),
+                         "class_type": v["class_type"]} for k, v in result["prompts"][stem].items()}
+        assert converted == api, stem
     assert result["snap"] == {"frames": 49, "width": 720, "height": 480, "variant": "5b-i2v"}
     assert not [e for e in result["errors"] if "cogvx" in e.lower()], result["errors"]
 
 
 def test_workflows_are_offered_as_templates(server):
+    """GET /workflow_templates lists the UI files of example_workflows/ under the pack's folder name (api/ twins
+    are not listed), each served with its .jpg card, which is the thumbnail the template browser asks for."""
     templates = server.get("/workflow_templates")
-    assert sorted(templates["cogvx"]) == sorted(p.stem for p in WORKFLOWS)  # the UI files; api/ is not listed
-    ui = json.loads(server.get("/api/workflow_templates/cogvx/cogvx_t2v_2b.json", raw=True))
-    assert ui["nodes"] and ui["links"]
+    assert sorted(templates[PACK]) == sorted(TEMPLATES)
+    for stem, path in TEMPLATES.items():
+        quoted = urllib.parse.quote(stem)
+        assert json.loads(server.get(f"/api/workflow_templates/{PACK}/{quoted}.json", raw=True)) == \
+            json.loads(path.read_text())
+        assert server.get(f"/api/workflow_templates/{PACK}/{quoted}.jpg", raw=True) == \
+            path.with_suffix(".jpg").read_bytes()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,7 @@ from nodes import NODE_CLASS_MAPPINGS as N
 
 ROOT = Path(__file__).resolve().parents[2]
 API = sorted((ROOT / "workflows" / "api").glob("*.json"))
+TEMPLATES = ROOT / "example_workflows"  # the UI files, where ComfyUI finds a pack's templates
 EXPECTED = {"cogvx_t2v_2b", "cogvx_t2v_5b", "cogvx_t2v_1.5", "cogvx_i2v_5b", "cogvx_i2v_1.5", "cogvx_v2v_5b",
             "cogvx_t2v_5b_caption", "train_lora", "cogvx_t2v_tiny"}
 # Core nodes: widget names in the order the frontend saves them ("upload" is LoadImage/LoadVideo's button), and
@@ -25,6 +27,7 @@ CORE_OUTPUTS = {"LoadImage": ["IMAGE", "MASK"], "LoadVideo": ["VIDEO"], "GetVide
 MODEL_INPUTS = {("CogVXModelLoader", "model"), ("CogVXVAELoader", "vae"), ("CogVXT5Loader", "t5"),
                 ("CogVXLLMLoader", "llm"), ("LoadImage", "image"), ("LoadVideo", "file"), ("CogVXDataset", "folder")}
 WIDGET_TYPES = ("INT", "FLOAT", "STRING", "BOOLEAN")
+NAMESPACE = uuid.uuid5(uuid.NAMESPACE_DNS, "cogvx.workflows")  # scripts/make_workflows.py's
 
 
 def spec(class_type):
@@ -36,9 +39,15 @@ def output_types(class_type):
     return CORE_OUTPUTS[class_type] if class_type in CORE_OUTPUTS else list(N[class_type].RETURN_TYPES)
 
 
+def ui_files() -> dict[str, Path]:
+    """The UI template of each workflow, by the name of its API twin (extra.cogvx.name)."""
+    return {json.loads(p.read_text())["extra"]["cogvx"]["name"]: p for p in sorted(TEMPLATES.glob("*.json"))}
+
+
 def test_the_workflow_set_is_complete_and_up_to_date():
     assert {p.stem for p in API} == EXPECTED
-    assert {p.stem for p in (ROOT / "workflows").glob("*.json")} == EXPECTED
+    assert set(ui_files()) == EXPECTED and len(list(TEMPLATES.glob("*.json"))) == len(EXPECTED)
+    assert not list((ROOT / "workflows").glob("*.json"))  # the UI files live in example_workflows only
     result = subprocess.run([sys.executable, str(ROOT / "scripts" / "make_workflows.py"), "--check"],
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr
@@ -92,6 +101,9 @@ def ui_to_api(ui: dict) -> dict:
                         names.append("control_after_generate")
         assert len(names) == len(node["widgets_values"]), (cls, names, node["widgets_values"])
         inputs = {n: v for n, v in zip(names, node["widgets_values"]) if n not in ("upload", "control_after_generate")}
+        if cls == "SaveVideo":  # ComfyUI 0.33's frontend sends the codec as the format's sub-input too
+            inputs = {"filename_prefix": inputs["filename_prefix"], "format": inputs["format"],
+                      "format.codec": inputs["codec"], "codec": inputs["codec"]}
         for entry in node["inputs"]:
             if entry["link"] is not None:
                 link = links[entry["link"]]
@@ -101,9 +113,33 @@ def ui_to_api(ui: dict) -> dict:
     return prompt
 
 
+def test_templates_are_titled_ordered_and_have_thumbnails():
+    """The template browser shows a template's file name as its title and sorts by it: "CogVX <n> - <title>",
+    numbered 1..N, the built-in model's workflow (the one that runs with no download) first; each has a .jpg card;
+    graph ids are distinct UUIDs derived from the names (the frontend's schema check asks for a UUID)."""
+    files = ui_files()
+    stems = sorted(p.stem for p in files.values())
+    assert [s.split(" - ")[0] for s in stems] == [f"CogVX {i + 1}" for i in range(len(stems))]
+    assert files["cogvx_t2v_tiny"].stem.startswith("CogVX 1 - ") and "no download" in files["cogvx_t2v_tiny"].stem
+    ids = set()
+    for name, path in files.items():
+        ui = json.loads(path.read_text())
+        assert str(uuid.UUID(ui["id"])) == ui["id"] and ui["id"] == str(uuid.uuid5(NAMESPACE, name))
+        ids.add(ui["id"])
+        cogvx = ui["extra"]["cogvx"]
+        assert cogvx["api"] == f"workflows/api/{name}.json" and (ROOT / cogvx["api"]).is_file()
+        assert cogvx["no_download"] == (name == "cogvx_t2v_tiny")
+        thumb = path.with_suffix(".jpg")
+        assert thumb.is_file() and thumb.read_bytes()[:3] == b"\xff\xd8\xff", thumb  # a JPEG
+        for node in ui["nodes"]:
+            for model in node["properties"].get("models", []):  # download links the frontend offers
+                assert set(model) == {"name", "url", "directory"} and model["url"].startswith("https://")
+    assert len(ids) == len(files)
+
+
 @pytest.mark.parametrize("path", API, ids=lambda p: p.stem)
 def test_ui_workflow_is_the_same_graph_as_its_api_twin(path):
-    ui = json.loads((ROOT / "workflows" / path.name).read_text())
+    ui = json.loads(ui_files()[path.stem].read_text())
     assert ui["version"] == 0.4 and ui["last_node_id"] == len(ui["nodes"]) and ui["last_link_id"] == len(ui["links"])
     api = {k: {"inputs": v["inputs"], "class_type": v["class_type"]} for k, v in json.loads(path.read_text()).items()}
     assert ui_to_api(ui) == api
