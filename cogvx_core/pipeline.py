@@ -50,8 +50,7 @@ def scaling(vae, variant: Variant) -> tuple[float, bool]:
 
 
 def is_released_size(transformer: CogVideoXTransformer) -> bool:
-    ref = transformer.variant.transformer_config()
-    return all(transformer.config[k] == ref[k] for k in ("num_layers", "num_attention_heads", "attention_head_dim"))
+    return transformer.released_size
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -175,7 +174,8 @@ class CogVideoXPipeline:
         if video is not None and image is not None:
             raise CogVXError("Give either a start image (image-to-video) or a video (video-to-video), not both.")
         if video is not None and variant.i2v:
-            raise CogVXError(f"{variant.title} is an image-to-video model; video-to-video needs a text-to-video model.")
+            raise CogVXError(f"{transformer.name} is an image-to-video model; video-to-video needs a text-to-video "
+                             "model.")
         if not 0 < strength <= 1:
             raise CogVXError(f"strength must be in (0, 1], got {strength}.")
         if steps < 1:
@@ -184,9 +184,10 @@ class CogVideoXPipeline:
             frames, height, width = video.shape[2], video.shape[3], video.shape[4]
         elif image is not None:
             height, width = height or image.shape[-2], width or image.shape[-1]
-        frames, height, width = frames or variant.frames, height or variant.height, width or variant.width
+        default_frames, default_height, default_width = transformer.default_size()
+        frames, height, width = frames or default_frames, height or default_height, width or default_width
         new_f, new_h, new_w, notes = snap_request(variant, frames, height, width, has_image=image is not None,
-                                                  released=is_released_size(transformer))
+                                                  released=is_released_size(transformer), name=transformer.name)
         if video is not None and (new_f, new_h, new_w) != (frames, height, width):
             raise CogVXError(f"The input video has {frames} frames of {width}x{height}; video-to-video needs 4k+1 "
                              "frames and sizes that are multiples of 16. Trim or resize the video first.")
@@ -217,7 +218,7 @@ class CogVideoXPipeline:
         image_latents = None
         if video is not None:
             if pad:
-                raise CogVXError(f"{variant.title} needs an even latent frame count for video-to-video; use "
+                raise CogVXError(f"{transformer.name} needs an even latent frame count for video-to-video; use "
                                  f"{frames - 4} or {frames + 4} frames.")
             timesteps = self.schedule.strength_timesteps(timesteps, strength)
             sf, _ = scaling(self.vae, variant)

@@ -66,7 +66,7 @@ def _parse_lora(spec: str) -> tuple[str, float]:
 
 
 def run(args) -> int:
-    from ..pipeline import is_released_size, load_pipeline
+    from ..pipeline import load_pipeline
     from ..video_io import frames_to_model_input, pil_to_model_input, read_frames, read_image, write_frames
 
     if args.model is None:
@@ -89,16 +89,12 @@ def run(args) -> int:
 
         apply_loras(pipe.transformer, [(load_lora(p), s) for p, s in map(_parse_lora, args.lora)])
 
-    height, width = args.height, args.width
-    if not is_released_size(pipe.transformer) and not args.video:
-        # A small model: frames and size it was trained at, not the variant's (an input video keeps its own).
-        cfg = pipe.transformer.config
-        args.frames = args.frames or cfg["sample_frames"]
-        height, width = height or cfg["sample_height"] * 8, width or cfg["sample_width"] * 8
+    height, width = args.height, args.width  # unset: the model's own defaults (the pipeline fills them in)
     image = video = None
     if args.image:
         pil = read_image(args.image)
-        height, width = height or variant.height, width or variant.width
+        _, default_height, default_width = pipe.transformer.default_size()
+        height, width = height or default_height, width or default_width
         image = pil_to_model_input(pil, height, width)[None].to(pipe.dtype)  # (1, 3, H, W)
     if args.video:
         frames = read_frames(args.video)  # (T, H, W, 3)
@@ -111,8 +107,7 @@ def run(args) -> int:
                            frames=args.frames, height=height, width=width, steps=args.steps,
                            guidance=args.guidance, dynamic_cfg=args.dynamic_cfg, sampler=args.sampler,
                            seed=args.seed, progress=_Bar("sampling"))
-    for note in result.notes:
-        print(f"note: {note}", file=sys.stderr)
+    # result.notes were logged by the pipeline as they arose: printed once, not again here
     out = write_frames(result.frames[0], args.out, fps=args.fps or variant.fps)
     print(out)
     return 0

@@ -109,7 +109,7 @@ def run(args) -> int:
     from ..schedule import NoiseSchedule
     from ..text import load_text_encoder
     from ..train import ddp
-    from ..train.buckets import make_buckets, parse_resolutions
+    from ..train.buckets import buckets_for, parse_resolutions
     from ..train.dataset import prepare_dataset
     from ..train.estimate import estimate
     from ..train.trainer import Trainer, TrainSettings, latest_checkpoint
@@ -129,11 +129,9 @@ def run(args) -> int:
         dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if cuda else torch.float32)
         transformer = load_transformer(root / "transformer", dtype=dtype, device=info.device)
         variant = transformer.variant
-        frames = args.frames or variant.frames
-        height, width = args.height or variant.height, args.width or variant.width
         resolutions = parse_resolutions(args.buckets) if args.buckets else None
         frame_counts = [int(v) for v in args.frame_buckets.split(",")] if args.frame_buckets else None
-        buckets = make_buckets(variant, frames, height, width, resolutions, frame_counts)
+        buckets = buckets_for(transformer, args.frames, args.height, args.width, resolutions, frame_counts)
         targets = tuple(t.strip() for t in args.targets.split(",") if t.strip())
         settings = TrainSettings(
             steps=args.steps, rank=args.rank, alpha=args.alpha, targets=targets, full_finetune=args.full_finetune,

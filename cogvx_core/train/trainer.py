@@ -174,11 +174,12 @@ class Trainer:
         settings.check()
         variant = transformer.variant
         if variant.i2v:
-            raise CogVXError(f"{variant.title} is an image-to-video model; CogVX trains text-to-video models only so "
-                             "far. Train the matching text-to-video model (5b or 1.5-5b).")
+            raise CogVXError(f"{transformer.name} is an image-to-video model; CogVX trains text-to-video models only "
+                             "so far. Train the matching text-to-video model (5b or 1.5-5b).")
         if dataset.variant != variant.name:
             raise CogVXError(f"The dataset was prepared for CogVideoX {dataset.variant} but the model is "
-                             f"{variant.title}; prepare it again with this model (its frame rules differ).")
+                             f"{transformer.name} ({variant.title}); prepare it again with this model (its frame rules "
+                             "differ).")
         self.settings = settings
         self.dataset, self.val_dataset = dataset, val_dataset or dataset
         self.schedule = schedule or NoiseSchedule.for_variant(variant)
