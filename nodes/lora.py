@@ -29,7 +29,7 @@ class CogVXLoraLoader:
     RETURN_TYPES = ("COGVX_MODEL",)
     RETURN_NAMES = ("model",)
     FUNCTION = "load"
-    CATEGORY = "CogVX"
+    CATEGORY = "CogVX/loaders"
     DESCRIPTION = ("Adds a LoRA to the model at a strength. Chain several for stacking. Layers the LoRA does not "
                    "match are listed in a warning; a LoRA for another base model is refused.")
 

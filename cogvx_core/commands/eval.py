@@ -32,7 +32,7 @@ def add_arguments(p) -> None:
     p.add_argument("--guidance", type=float, default=6.0, help="classifier-free guidance scale (default 6)")
     p.add_argument("--split", choices=["heldout", "train", "spare"], default="heldout",
                    help="whose caption combinations to prompt with (default heldout: never trained)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the prompt order and the noise")
     p.add_argument("--batch-size", type=int, default=10, help="videos generated together (default 10)")
     p.add_argument("--vae-clips", type=int, default=32, help="held-out clips for the VAE PSNR (0: skip; default 32)")
     p.add_argument("--lora", action="append", default=[], metavar="PATH[:STRENGTH]", help="apply a LoRA (repeatable)")

@@ -18,19 +18,20 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 def add_arguments(p) -> None:
     p.add_argument("--model", help="diffusers-format CogVideoX folder (model_index.json, transformer/, vae/, ...); "
                    "default: the built-in cogvx-tiny (64x64, 9 frames, synthetic shapes only)")
-    p.add_argument("--prompt", required=True)
-    p.add_argument("--negative-prompt", default="")
+    p.add_argument("--prompt", required=True, help="what the video shows")
+    p.add_argument("--negative-prompt", default="", help="what to steer away from (empty: the usual "
+                   "negative prompt)")
     p.add_argument("--image", help="start image (image-to-video models)")
     p.add_argument("--video", help="input video file or folder of frames (video-to-video)")
     p.add_argument("--strength", type=float, default=0.8, help="video-to-video denoise strength (default 0.8)")
     p.add_argument("--frames", type=int, help="pixel frames, 4k+1 (default: the model's)")
-    p.add_argument("--height", type=int)
-    p.add_argument("--width", type=int)
-    p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--guidance", type=float, default=6.0)
+    p.add_argument("--height", type=int, help="pixel height, a multiple of 16 (default: the model's)")
+    p.add_argument("--width", type=int, help="pixel width, a multiple of 16 (default: the model's)")
+    p.add_argument("--steps", type=int, default=50, help="sampling steps")
+    p.add_argument("--guidance", type=float, default=6.0, help="classifier-free guidance scale")
     p.add_argument("--dynamic-cfg", action="store_true", help="the reference's dynamic guidance schedule")
-    p.add_argument("--sampler", choices=["ddim", "dpm"], default="ddim")
-    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--sampler", choices=["ddim", "dpm"], default="ddim", help="CogVideoX DDIM or DPM-Solver++(2M) SDE")
+    p.add_argument("--seed", type=int, default=42, help="noise seed (the same seed gives the same video)")
     p.add_argument("--dtype", choices=list(DTYPES), help="compute dtype (default: the model's recommended)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--fps", type=int, help="frames per second of the written video (default: the model's)")
@@ -74,7 +75,8 @@ def run(args) -> int:
 
         if not builtin_models():
             raise CogVXError(f"No --model given and the built-in model is missing ({TINY_MODEL}); pass --model with "
-                             "a diffusers-format CogVideoX folder, or rebuild it: python -m cogvx_core recipe tiny.")
+                             "a diffusers-format CogVideoX folder, or rebuild it: python -m cogvx_core recipe tiny "
+                             "--replace-builtin.")
         args.model = str(TINY_MODEL)
     if not Path(args.model).exists():
         raise CogVXError(f"--model {args.model}: no such folder.")

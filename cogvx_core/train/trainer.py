@@ -188,6 +188,12 @@ class Trainer:
         self.device = self.dist.device
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else None
 
+        # the checks that can refuse the run come before the model is changed (a LoRA added)
+        self.sampler = TimestepSampler(self.schedule.num_train_timesteps, settings.timestep_sampling,
+                                       world_size=self.dist.world_size, batch_size=settings.batch_size,
+                                       seed=settings.seed)
+        self.plan = BatchPlan([dataset.group(i, settings.frame_pack) for i in range(len(dataset))],
+                              settings.batch_size, world_size=self.dist.world_size, seed=settings.seed)
         _as_normal_tensors(transformer)
         self.base_fingerprint = module_fingerprint(transformer)
         self.transformer = transformer.to(self.device)
@@ -207,11 +213,6 @@ class Trainer:
         self.model = ddp.wrap(transformer, self.dist)
         self.optimizer = torch.optim.AdamW(self.params, lr=settings.learning_rate, betas=tuple(settings.betas),
                                            eps=settings.adam_eps, weight_decay=settings.weight_decay)
-        self.sampler = TimestepSampler(self.schedule.num_train_timesteps, settings.timestep_sampling,
-                                       world_size=self.dist.world_size, batch_size=settings.batch_size,
-                                       seed=settings.seed)
-        self.plan = BatchPlan([dataset.group(i, settings.frame_pack) for i in range(len(dataset))],
-                              settings.batch_size, world_size=self.dist.world_size, seed=settings.seed)
         self.alphas_cumprod = self.schedule.alphas_cumprod.to(self.device)
         self.step = 0
         self.history: list[dict] = []  # one entry per step: step, loss, lr, grad_norm, timesteps, skipped
