@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import statistics
+import sys
 import time
 
 import torch
@@ -124,6 +125,7 @@ def run(args) -> int:
     torch.manual_seed(0)
     print(f"device {args.device}, dtype {args.dtype}, torch {torch.__version__}, threads {torch.get_num_threads()}")
     if args.only in (None, "transformer"):
+        print(f"timing the transformer forward ({args.repeats} runs each) ...", file=sys.stderr, flush=True)
         r = bench_transformer(args)
         print(f"transformer forward ({args.variant} architecture, {args.layers} layers, {r['tokens']} tokens): "
               f"ours {r['ours_s'] * 1000:.1f} ms, reference {r['reference_s'] * 1000:.1f} ms, "
@@ -136,6 +138,7 @@ def run(args) -> int:
         from .bench_vae import bench_vae
 
         shape = tuple(int(n) for n in args.vae_latents.split(","))
+        print(f"timing the VAE decode ({args.vae_repeats} run(s) each) ...", file=sys.stderr, flush=True)
         r = bench_vae(dict(VAE_DEFAULTS), shape, dtype=DTYPES[args.dtype], device=args.device,
                       repeats=args.vae_repeats)
         print(f"VAE decode (released VAE, latents {shape} -> frames {tuple(r['output_shape'])}): "

@@ -286,8 +286,10 @@ def run(args) -> int:
         _prepare(args, work)
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[2]),
                                                                          os.environ.get("PYTHONPATH")]))}
-        for _ in range(max(args.rounds, 1)):
+        rounds = max(args.rounds, 1)
+        for round_ in range(rounds):
             for side in ("reference", "ours"):
+                print(f"round {round_ + 1}/{rounds}: {side} ...", end="", file=sys.stderr, flush=True)
                 cmd = [sys.executable, "-m", "cogvx_core", "bench-train", "--worker", side, "--workdir", str(work),
                        *_passthrough(args)]
                 proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
@@ -295,6 +297,8 @@ def run(args) -> int:
                 if proc.returncode or line is None:
                     raise CogVXError(f"bench-train: the {side} worker failed:\n{proc.stderr[-2000:]}")
                 results[side].append(json.loads(line[len("RESULT "):]))
+                times = results[side][-1]["times"]
+                print(f" {1 / statistics.median(times):.3f} steps/s", file=sys.stderr, flush=True)
 
     def summary(runs: list[dict]) -> dict:
         step = statistics.median(t for r in runs for t in r["times"])

@@ -70,14 +70,13 @@ def run(args) -> int:
                     "lora": args.lora, "adherence": []}
     print(f"{len(prompts)} {args.split} prompts, {size[2]}x{size[1]}, {size[0]} frames, guidance {args.guidance}",
           file=sys.stderr)
-    results = []
+    print(format_table([]), flush=True)  # the table's header now, each row as its setting finishes
     for sampler in samplers:
         for n in steps:
             r = adherence(pipe, prompts, sampler=sampler, steps=n, guidance=args.guidance, seed=args.seed,
                           batch_size=args.batch_size, size=size, progress=_Bar(f"{sampler} {n} steps"))
-            results.append(r)
             report["adherence"].append(r.to_dict(with_verdicts=True))
-    print(format_table(results))
+            print(format_table([r]).splitlines()[-1], flush=True)
     if args.vae_clips > 0:
         start = time.perf_counter()
         vq = vae_quality(pipe.vae, heldout_clips(args.vae_clips, size))
