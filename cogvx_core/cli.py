@@ -30,20 +30,38 @@ def _load(name: str):
     return importlib.import_module(f"cogvx_core.commands.{COMMANDS[name]}")
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    parser = argparse.ArgumentParser(prog="cogvx", description="CogVideoX: generate, train, benchmark.")
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """`--help` shows every option's default, except where there is none to show (unset, a flag's off, an empty
+    list) or the help text already says it."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        default = action.default
+        if (default is None or default is False or default == [] or default is argparse.SUPPRESS
+                or "default" in text or not action.option_strings):
+            return text
+        return super()._get_help_string(action)
+
+
+def build_parser(chosen: str | None = None) -> argparse.ArgumentParser:
+    """The CLI's parser; only the `chosen` command's module is imported (the others show by name in --help)."""
+    parser = argparse.ArgumentParser(prog="cogvx", description="CogVideoX: generate, train, benchmark.",
+                                     formatter_class=HelpFormatter)
     parser.add_argument("-v", "--verbose", action="store_true", help="log details")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    # Only the chosen command's module is imported; the others show by name in --help.
-    chosen = next((a for a in argv if not a.startswith("-")), None)
     for name in COMMANDS:
         if name == chosen:
             mod = _load(name)
-            p = sub.add_parser(name, help=mod.HELP, description=mod.HELP)
+            p = sub.add_parser(name, help=mod.HELP, description=mod.HELP, formatter_class=HelpFormatter)
             mod.add_arguments(p)
         else:
             sub.add_parser(name, help=f"(see `cogvx {name} --help`)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser(next((a for a in argv if not a.startswith("-")), None))
     args = parser.parse_args(argv)
     if not args.command:
         parser.print_help()

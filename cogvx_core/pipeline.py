@@ -69,8 +69,7 @@ def scaling(vae, variant: Variant) -> tuple[float, bool]:
 
 
 def is_released_size(transformer: CogVideoXTransformer) -> bool:
-    ref = transformer.variant.transformer_config()
-    return all(transformer.config[k] == ref[k] for k in ("num_layers", "num_attention_heads", "attention_head_dim"))
+    return transformer.released_size
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -144,12 +143,12 @@ def prepare_latents(transformer: CogVideoXTransformer, schedule: NoiseSchedule, 
     if video is not None and (start_image is not None or end_image is not None):
         raise CogVXError("Give either a start image (image-to-video) or a video (video-to-video), not both.")
     if video is not None and variant.i2v:
-        raise CogVXError(f"{variant.title} is an image-to-video model; video-to-video needs a text-to-video model.")
+        raise CogVXError(f"{transformer.name} is an image-to-video model; video-to-video needs a text-to-video model.")
     if variant.i2v and start_image is None:
-        raise CogVXError(f"{variant.title} is an image-to-video model: give it a start image, or load a "
+        raise CogVXError(f"{transformer.name} is an image-to-video model: give it a start image, or load a "
                          "text-to-video model.")
     if not variant.i2v and (start_image is not None or end_image is not None):
-        raise CogVXError(f"{variant.title} is a text-to-video model and cannot take a start or end image: load an "
+        raise CogVXError(f"{transformer.name} is a text-to-video model and cannot take a start or end image: load an "
                          "image-to-video model (5B-I2V or 1.5-5B-I2V), or remove the image.")
 
     shape, pad = latent_shape(transformer, batch, frames, height, width)
@@ -160,7 +159,7 @@ def prepare_latents(transformer: CogVideoXTransformer, schedule: NoiseSchedule, 
         if video.shape[2] != shape[2] - pad:
             raise CogVXError(f"The input video has {pixel_frames(video.shape[2])} frames but the run has {frames}.")
         if pad:
-            raise CogVXError(f"{variant.title} needs an even latent frame count for video-to-video; this video has "
+            raise CogVXError(f"{transformer.name} needs an even latent frame count for video-to-video; this video has "
                              f"{shape[2] - pad} latent frames ({frames} pixel frames): use {frames - 4} or "
                              f"{frames + 4} frames.")
         timesteps = schedule.strength_timesteps(timesteps, strength)
@@ -286,9 +285,10 @@ class CogVideoXPipeline:
             frames, height, width = video.shape[2], video.shape[3], video.shape[4]
         elif image is not None:
             height, width = height or image.shape[-2], width or image.shape[-1]
-        frames, height, width = frames or variant.frames, height or variant.height, width or variant.width
+        default_frames, default_height, default_width = transformer.default_size()
+        frames, height, width = frames or default_frames, height or default_height, width or default_width
         new_f, new_h, new_w, notes = snap_request(variant, frames, height, width, has_image=image is not None,
-                                                  released=is_released_size(transformer))
+                                                  released=is_released_size(transformer), name=transformer.name)
         if video is not None and (new_f, new_h, new_w) != (frames, height, width):
             raise CogVXError(f"The input video has {frames} frames of {width}x{height}; video-to-video needs 4k+1 "
                              "frames and sizes that are multiples of 16. Trim or resize the video first.")

@@ -3,8 +3,10 @@
 Each prompt is tokenized to exactly `max_length` tokens (the transformer's `max_text_seq_length`, 226 for every
 released model): the prompt's tokens, EOS, then pad tokens. The encoder runs with NO attention mask, so the padding
 is encoded and attended to like any token; the transformer was trained on that. A longer prompt is cut to
-`max_length - 1` tokens + EOS, with a warning that says how much was dropped (never an error). The empty negative
-prompt is "" (EOS + pads), not zeros.
+`max_length - 1` tokens + EOS, with a note that says how much was dropped (never an error); words the tokenizer
+maps to its unknown token (a small model's word-level vocabulary lacks them) get a note naming them. `encode` logs
+these notes; `encode_with_info` hands them to the caller to show. The empty negative prompt is "" (EOS + pads), not
+zeros.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from .errors import CogVXError
 logger = logging.getLogger(__name__)
 
 DEFAULT_MAX_LENGTH = 226  # `max_text_seq_length` of every released CogVideoX transformer
+EXCERPT_CHARS = 60  # a note quotes at most this much of a prompt
 
 
 @dataclass(frozen=True)
@@ -31,6 +34,16 @@ class PromptTokens:
     tokens: int  # tokens the whole prompt needs, EOS included
     dropped: int  # tokens cut off the end (0 when it fit)
     dropped_text: str  # what those tokens spelled ("" when nothing was cut)
+    unknown: tuple[str, ...] = ()  # words the tokenizer reads as its unknown token
+    notes: tuple[str, ...] = ()  # for the user: what was dropped (a short excerpt), which words are unknown
+
+
+def excerpt(text: str, limit: int = EXCERPT_CHARS) -> str:
+    """`text` quoted, cut to about `limit` characters at a word boundary."""
+    text = " ".join(text.split())
+    if len(text) > limit:
+        text = text[:limit].rsplit(" ", 1)[0] + " ..."
+    return repr(text)
 
 
 class TextEncoder:
@@ -73,17 +86,31 @@ class TextEncoder:
                              add_special_tokens=True, return_tensors="pt").input_ids  # (B, L)
         full = self.tokenizer(prompts, add_special_tokens=True, verbose=False).input_ids  # untruncated, per prompt
         info = []
-        for i, (prompt, seq) in enumerate(zip(prompts, full)):
+        for prompt, seq in zip(prompts, full):
             dropped = max(0, len(seq) - self.max_length)
-            text = ""
+            text, notes = "", []
             if dropped:
                 # The cut keeps the first max_length - 1 tokens and the closing EOS.
                 text = self.tokenizer.decode(seq[self.max_length - 1: -1])
-                logger.warning(
-                    "Prompt %d is %d tokens long (EOS included) but the text encoder takes %d: the last %d tokens "
-                    "were dropped: %r. Shorten the prompt to keep them.", i, len(seq), self.max_length, dropped, text)
-            info.append(PromptTokens(prompt=prompt, tokens=len(seq), dropped=dropped, dropped_text=text))
+                notes.append(f"the prompt is {len(seq)} tokens (EOS included) but the text encoder takes "
+                             f"{self.max_length}: the last {dropped} were dropped ({excerpt(text)}); shorten the "
+                             "prompt to keep them")
+            unknown = self._unknown_words(prompt, seq)
+            if unknown:
+                notes.append(f"the text encoder does not know {', '.join(map(repr, unknown))} (read as its unknown "
+                             "token, so they steer nothing); use words from the model's captions")
+            info.append(PromptTokens(prompt=prompt, tokens=len(seq), dropped=dropped, dropped_text=text,
+                                     unknown=unknown, notes=tuple(notes)))
         return ids, info
+
+    def _unknown_words(self, prompt: str, ids: list[int], most: int = 10) -> tuple[str, ...]:
+        """The prompt's words (at most `most`, each once) that hold the tokenizer's unknown token."""
+        unk = getattr(self.tokenizer, "unk_token_id", None)
+        if unk is None or unk not in ids:
+            return ()
+        words = list(dict.fromkeys(prompt.split()))
+        per_word = self.tokenizer(words, add_special_tokens=False, verbose=False).input_ids
+        return tuple(w for w, seq in zip(words, per_word) if unk in seq)[:most]
 
     @torch.no_grad()
     def encode_with_info(self, prompts: list[str] | str, dtype: torch.dtype | None = None,
@@ -97,8 +124,12 @@ class TextEncoder:
 
     def encode(self, prompts: list[str] | str, dtype: torch.dtype | None = None,
                device: torch.device | str | None = None) -> torch.Tensor:
-        """Context (B, max_length, d_model) for the transformer; see `encode_with_info`."""
-        return self.encode_with_info(prompts, dtype=dtype, device=device)[0]
+        """Context (B, max_length, d_model) for the transformer; see `encode_with_info`. The prompts' notes are logged
+        (each once)."""
+        context, info = self.encode_with_info(prompts, dtype=dtype, device=device)
+        for note in dict.fromkeys(n for p in info for n in p.notes):
+            logger.warning("Prompt note: %s.", note)
+        return context
 
 
 def load_text_encoder(path: str | os.PathLike, tokenizer: str | os.PathLike | None = None,

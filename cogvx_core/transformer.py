@@ -71,6 +71,7 @@ class CogVideoXTransformer(nn.Module):
         self._check_config(cfg)
         self.config = cfg
         self.variant: Variant = detect_variant(cfg)
+        self.name = self.variant.title  # for messages; the loader sets the model's own (its folder or file name)
         heads, head_dim = cfg["num_attention_heads"], cfg["attention_head_dim"]
         dim, time_dim = heads * head_dim, cfg["time_embed_dim"]
         self.inner_dim = dim
@@ -134,6 +135,28 @@ class CogVideoXTransformer(nn.Module):
         batch = b * (2 if guidance else 1)
         return int(batch * self.sequence_length(t, h, w) * self.inner_dim * self.dtype.itemsize * 16)
 
+    @property
+    def released_size(self) -> bool:
+        """Whether the model has its release's depth and width (so the release's sizes and limits apply)."""
+        ref = self.variant.transformer_config()
+        return all(self.config[k] == ref[k] for k in ("num_layers", "num_attention_heads", "attention_head_dim"))
+
+    @property
+    def learned_size(self) -> tuple[int, int] | None:
+        """(height, width) in pixels that a learned position table fixes, or None when any size works."""
+        cfg = self.config
+        if not cfg["use_learned_positional_embeddings"]:
+            return None
+        return cfg["sample_height"] * 8, cfg["sample_width"] * 8
+
+    def default_size(self) -> tuple[int, int, int]:
+        """(frames, height, width) to generate and train at by default: the release's for a model of a released
+        size, else the sample size in its config (what a small model, such as cogvx-tiny, was trained at)."""
+        if self.released_size:
+            return self.variant.frames, self.variant.height, self.variant.width
+        cfg = self.config
+        return cfg["sample_frames"], cfg["sample_height"] * 8, cfg["sample_width"] * 8
+
     def set_attention_backend(self, name: str) -> None:
         fn = get_attention_backend(name)
         for block in self.transformer_blocks:
@@ -144,28 +167,34 @@ class CogVideoXTransformer(nn.Module):
     def _positions(self, t: int, h: int, w: int, device: torch.device):
         """(additive table or None, RoPE rotations or None) for a post-patch token grid (t, h, w)."""
         cfg = self.config
-        table = rope = None
-        if cfg["use_rotary_positional_embeddings"]:
-            base = None
-            if cfg["patch_size_t"] is None:  # 1.0: positions squeezed into the sample-size grid
-                base = (cfg["sample_height"] // self.patch_size, cfg["sample_width"] // self.patch_size)
-            rope = _rope_cache(cfg["attention_head_dim"], t, h, w, base, str(device))
+        table = None
+        rope = self.rotary(t, h, w, device)
         if cfg["use_learned_positional_embeddings"]:
             p = self.patch_size
             if (h * p, w * p) != (cfg["sample_height"], cfg["sample_width"]):
                 raise CogVXError(
-                    f"This model ({self.variant.title}) has learned positions for {cfg['sample_width'] * 8}x"
+                    f"This model ({self.name}) has learned positions for {cfg['sample_width'] * 8}x"
                     f"{cfg['sample_height'] * 8} only, got {w * p * 8}x{h * p * 8}. Generate at "
                     f"{cfg['sample_width'] * 8}x{cfg['sample_height'] * 8}.")
             if t == PatchEmbed.sample_latent_frames(cfg):
                 table = self.patch_embed.pos_embedding[0]
             else:  # the reference silently falls back to the sin-cos table for other lengths
                 log.warning("%s was trained at %d frames; other lengths use a sin-cos table instead of its learned "
-                            "positions (as the reference does) and look worse.", self.variant.title, cfg["sample_frames"])
+                            "positions (as the reference does) and look worse.", self.name, cfg["sample_frames"])
                 table = self._sincos(t, h, w, device)
         elif not cfg["use_rotary_positional_embeddings"]:
             table = self._sincos(t, h, w, device)
         return table, rope
+
+    def rotary(self, t: int, h: int, w: int, device: torch.device) -> torch.Tensor | None:
+        """The RoPE rotations for a post-patch token grid (t, h, w), or None for a model without RoPE."""
+        cfg = self.config
+        if not cfg["use_rotary_positional_embeddings"]:
+            return None
+        base = None
+        if cfg["patch_size_t"] is None:  # 1.0: positions squeezed into the sample-size grid
+            base = (cfg["sample_height"] // self.patch_size, cfg["sample_width"] // self.patch_size)
+        return _rope_cache(cfg["attention_head_dim"], t, h, w, base, str(device))
 
     def _sincos(self, t: int, h: int, w: int, device) -> torch.Tensor:
         cfg = self.config
@@ -182,18 +211,18 @@ class CogVideoXTransformer(nn.Module):
         if c != cfg["in_channels"]:
             hint = (" This is an image-to-video model: concatenate the image latents on channels."
                     if c * 2 == cfg["in_channels"] else "")
-            raise CogVXError(f"{self.variant.title} takes {cfg['in_channels']} latent channels, got {c}.{hint}")
+            raise CogVXError(f"{self.name} takes {cfg['in_channels']} latent channels, got {c}.{hint}")
         if h % self.patch_size or w % self.patch_size:
             raise CogVXError(f"Latent height and width must be even (pixel sizes multiples of 16); got {h}x{w} "
                              f"latents ({w * 8}x{h * 8} pixels). Use the nearest multiple of 16.")
         if t % self.patch_size_t:
-            raise CogVXError(f"{self.variant.title} patches {self.patch_size_t} latent frames together, so the latent "
+            raise CogVXError(f"{self.name} patches {self.patch_size_t} latent frames together, so the latent "
                              f"frame count must be even; got {t}. Pad one latent frame at the front (the sampler "
                              "does this) and drop it after sampling.")
         if context.ndim != 3 or context.shape[0] != b or context.shape[2] != cfg["text_embed_dim"]:
             raise CogVXError(f"Text context must be (B={b}, L, {cfg['text_embed_dim']}); got {tuple(context.shape)}.")
         if cfg["use_learned_positional_embeddings"] and context.shape[1] != cfg["max_text_seq_length"]:
-            raise CogVXError(f"{self.variant.title} needs exactly {cfg['max_text_seq_length']} text tokens (its learned "
+            raise CogVXError(f"{self.name} needs exactly {cfg['max_text_seq_length']} text tokens (its learned "
                              f"positions cover them); got {context.shape[1]}.")
 
     def forward(self, x: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor,

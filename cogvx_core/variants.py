@@ -173,18 +173,20 @@ def snap_frames(frames: int) -> int:
 
 
 def snap_request(variant: Variant, frames: int, height: int, width: int, *, has_image: bool,
-                 released: bool = True) -> tuple[int, int, int, list[str]]:
+                 released: bool = True, name: str | None = None) -> tuple[int, int, int, list[str]]:
     """Valid (frames, height, width) for `variant`, with one note per change or hint.
 
     Structural rules hold for every model: 4k+1 frames, sizes that are multiples of 16, an image for image-to-video
     models and none for text-to-video ones. `released` adds the release's own limits: 720x480 for 5b-I2V (its learned
-    position table), and for 1.5-I2V a shorter side of 768 and a longer side of at most 1360.
+    position table), and for 1.5-I2V a shorter side of 768 and a longer side of at most 1360. `name`: the model's own
+    name, for messages (default: the variant's title).
     """
+    name = name or variant.title
     if variant.i2v and not has_image:
-        raise CogVXError(f"{variant.title} is an image-to-video model: give it a start image, or load a "
+        raise CogVXError(f"{name} is an image-to-video model: give it a start image, or load a "
                          "text-to-video model.")
     if not variant.i2v and has_image:
-        raise CogVXError(f"{variant.title} is a text-to-video model and cannot take a start image: load an "
+        raise CogVXError(f"{name} is a text-to-video model and cannot take a start image: load an "
                          "image-to-video model (5b-I2V or 1.5-5B-I2V), or remove the image.")
     notes: list[str] = []
     if frames < 1:

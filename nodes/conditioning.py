@@ -108,12 +108,9 @@ class CogVXTextEncode:
     def encode(self, t5, text, unique_id=None):
         device = t5.managed.load()
         context, info = t5.encoder.encode_with_info([text], device=device)  # (1, L, 4096)
-        notes = []
-        for p in info:
-            if p.dropped:
-                notes.append(f"The prompt is {p.tokens} tokens but the text encoder takes {t5.encoder.max_length}: "
-                             f"dropped the end: {p.dropped_text!r}")
-                host.say(notes[-1], unique_id)
+        notes = [note for p in info for note in p.notes]  # a long prompt's end (an excerpt), unknown words
+        for note in notes:
+            host.say(note, unique_id)
         return _ui(([[context.to(host.intermediate_device()), {}]],), notes)
 
 

@@ -37,11 +37,11 @@ run_denoise, decode_latents, encode_moments, is_released_size, latent_shape, pre
 [NoiseSchedule] = _names("schedule", "NoiseSchedule")
 DEFAULT_MAX_LENGTH, TextEncoder, fit_context, load_text_encoder = _names(
     "text", "DEFAULT_MAX_LENGTH TextEncoder fit_context load_text_encoder")
-make_buckets, parse_resolutions = _names("train.buckets", "make_buckets parse_resolutions")
+buckets_for, parse_resolutions = _names("train.buckets", "buckets_for parse_resolutions")
 TrainingDataset, prepare_dataset, scan_folder = _names("train.dataset", "CogVXDataset prepare_dataset scan_folder")
 [builtin_models] = _names("models", "builtin_models")
 [estimate] = _names("train.estimate", "estimate")
-[loss_chart] = _names("train.plot", "loss_chart")
+loss_chart, running_mean = _names("train.plot", "loss_chart running_mean")
 Trainer, TrainSettings, clear_checkpoints = _names("train.trainer", "Trainer TrainSettings clear_checkpoints")
 [CogVideoXTransformer] = _names("transformer", "CogVideoXTransformer")
 [Tiling] = _names("vae", "Tiling")

@@ -42,7 +42,7 @@ def _context(conditioning, model, name: str, node_id) -> torch.Tensor:
     if not isinstance(context, torch.Tensor) or context.ndim != 3:
         raise CogVXError(f"{name}: the conditioning is not a (batch, tokens, channels) text embedding.")
     if context.shape[-1] != width:
-        raise CogVXError(f"{name}: the text embedding has {context.shape[-1]} channels but {model.variant.title} "
+        raise CogVXError(f"{name}: the text embedding has {context.shape[-1]} channels but {model.transformer.name} "
                          f"takes {width} (T5-XXL). Encode the prompt with CogVXTextEncode, or with CLIPTextEncode "
                          "from a T5-XXL text encoder (not CLIP-L/G).")
     return fit_context(context, model.transformer.text_length)
@@ -121,10 +121,10 @@ class CogVXSampler:
             raise CogVXError(f"The latent is {w * 8}x{h * 8} pixels; CogVideoX needs multiples of 16. Make the latent "
                              "with CogVXEmptyLatent, which snaps the size.")
         if variant.i2v and image_cond is None:
-            raise CogVXError(f"{variant.title} is an image-to-video model: connect CogVXImageToVideo's image_cond "
+            raise CogVXError(f"{transformer.name} is an image-to-video model: connect CogVXImageToVideo's image_cond "
                              "(and its latent), or load a text-to-video model.")
         if not variant.i2v and image_cond is not None:
-            raise CogVXError(f"{variant.title} is a text-to-video model and cannot take image_cond: load an "
+            raise CogVXError(f"{transformer.name} is a text-to-video model and cannot take image_cond: load an "
                              "image-to-video model (5B-I2V or 1.5-5B-I2V), or disconnect it.")
         video_to_video = denoise < 1.0
         if video_to_video and variant.i2v:

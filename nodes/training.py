@@ -7,9 +7,11 @@
 CogVXDataset checks a folder of clips and captions and encodes what its cache lacks (cogvx_core/train/dataset.py).
 CogVXTrainLora runs `steps_per_run` steps per queue run and keeps its trainer between runs (per node), so queueing
 it again (or with auto-queue) continues the same run up to `total_steps`; Cancel stops after the current step and
-the next run continues from there. Its progress bar carries a live loss chart as the preview image, and the chart on
-the node (web/training.js) is redrawn from the history after each run. Between runs the base model is left as it was
-(the LoRA at strength 0), so other nodes sharing the model sample the base model. LOSS_MAP is ComfyUI's own type
+the next run continues from there, and after a failed run the next one starts clean (the failed session's LoRA comes
+off the model). The loss shows once, as the chart on the node (web/training.js): live per step, then redrawn from the
+history after each run; its running mean is computed here, so the chart and the node's text give the same number.
+The memory and time estimate is shown on the node too. Between runs the base model is left as it was (the LoRA at
+strength 0), so other nodes sharing the model sample the base model. LOSS_MAP is ComfyUI's own type
 ({"loss": [...]}), so ComfyUI's loss graph node takes it too.
 """
 
@@ -33,8 +35,9 @@ from .core import (
     estimate,
     Lora,
     loss_chart,
-    make_buckets,
+    buckets_for,
     parse_resolutions,
+    running_mean,
     prepare_dataset,
     remove_trainable_lora,
     save_lora,
@@ -48,7 +51,6 @@ from . import host
 
 log = logging.getLogger("cogvx")
 
-PREVIEW_EVERY = 5  # steps between live chart previews
 UI_POINTS = 2000  # loss points sent to the frontend at most
 
 
@@ -80,11 +82,13 @@ class CogVXDataset:
                            "models/training_data: videos (mp4, webm, gif, mov), frame folders and images, each with "
                            "a caption file of the same name (clip.mp4 + clip.txt), or a metadata.jsonl (file_name, "
                            "text per line). Latents and text embeddings are cached in its .cogvx_cache."}),
-                "frames": ("INT", {"default": 49, "min": 1, "max": 161, "step": 4, "tooltip": "The longest "
-                                   "clip in frames (4k+1). Shorter clips train at the longest count they fill, "
-                                   "images as 1 frame."}),
-                "width": ("INT", {"default": 720, "min": 16, "max": 2048, "step": 16}),
-                "height": ("INT", {"default": 480, "min": 16, "max": 2048, "step": 16}),
+                "frames": ("INT", {"default": 0, "min": 0, "max": 161, "tooltip": "The longest clip in frames "
+                                   "(4k+1); 0 = the model's (49 for 1.0, 81 for 1.5, 9 for cogvx-tiny). Shorter "
+                                   "clips train at the longest count they fill, images as 1 frame."}),
+                "width": ("INT", {"default": 0, "min": 0, "max": 2048, "step": 16, "tooltip": "Training width; "
+                                  "0 = the model's."}),
+                "height": ("INT", {"default": 0, "min": 0, "max": 2048, "step": 16, "tooltip": "Training height; "
+                                   "0 = the model's."}),
             },
             "optional": {
                 "more_sizes": ("STRING", {"default": "", "tooltip": "Extra resolution buckets WIDTHxHEIGHT, comma "
@@ -122,11 +126,13 @@ class CogVXDataset:
         except (OSError, CogVXError):
             return folder
 
-    def prepare(self, model, vae, t5, folder, frames, width, height, more_sizes="", fps=0.0):
+    def prepare(self, model, vae, t5, folder, frames=0, width=0, height=0, more_sizes="", fps=0.0):
         folder = self._folder(folder)
         variant = _variant_of(model)
+        _, default_height, default_width = model.transformer.default_size()
+        height, width = height or default_height, width or default_width
         sizes = [(height, width)] + (parse_resolutions(more_sizes) if more_sizes.strip() else [])
-        buckets = make_buckets(variant, frames, height, width, sizes)
+        buckets = buckets_for(model.transformer, frames, height, width, sizes)
         scan_folder(folder)  # the folder's problems, before loading any model
         _load(vae)
         _load(t5)
@@ -151,6 +157,7 @@ class _Session:
     trainer: Trainer
     signature: str
     checkpoint_dir: str
+    estimate: str = ""  # the memory and time estimate made when the session began
 
 
 _SESSIONS: dict[str, _Session] = {}  # node id -> its trainer, kept between queue runs
@@ -260,13 +267,10 @@ class CogVXTrainLora:
         progress = host.Progress(max(target - start, 1))
 
         def on_step(report) -> None:
-            preview = None
-            if report.step == target or (report.step - start) % PREVIEW_EVERY == 0:
-                preview = loss_chart(trainer.losses, trainer.validations, width=512, height=256,
-                                     title=f"step {report.step}/{total_steps}")
+            mean = _last_mean(trainer.losses)
             host.send("cogvx.train.progress", {"node": node, "step": report.step, "total": total_steps,
-                                               "loss": None if report.skipped else report.loss})
-            progress.update(report.step - start, preview)
+                                               "loss": None if report.skipped else report.loss, "mean": mean})
+            progress.update(report.step - start)  # no preview image: the node's chart is the one loss display
             host.throw_if_interrupted()
 
         try:
@@ -276,7 +280,7 @@ class CogVXTrainLora:
             trainer.deactivate()
             if session.checkpoint_dir and trainer.step > start:
                 trainer.save_checkpoint()  # also on Cancel: the next run (or a restart) continues from here
-        return self._outputs(trainer, total_steps)
+        return self._outputs(trainer, total_steps, session.estimate)
 
     @staticmethod
     def _session(node, model, dataset, settings, checkpoint_dir, restart, device) -> _Session:
@@ -294,37 +298,53 @@ class CogVXTrainLora:
                                 other)
                     drop_session(other)
             _load(model)
+            remove_trainable_lora(model.transformer)  # a LoRA a crashed session may have left (none normally)
             trainer = Trainer(model.transformer, dataset, settings, schedule=getattr(model, "schedule", None),
                               scaling_factor=getattr(model, "scaling_factor", None),
                               dist=ddp.DistInfo(device=device), checkpoint_dir=checkpoint_dir or None)
-            if checkpoint_dir and restart:
-                removed = clear_checkpoints(checkpoint_dir)
-                if removed:
-                    log.warning("CogVXTrainLora: restart: removed %d old checkpoint(s) from %s", removed, checkpoint_dir)
-            elif checkpoint_dir:
-                resumed = trainer.resume()
-                if resumed is not None:
-                    log.warning("CogVXTrainLora: resumed from step %d in %s", resumed, checkpoint_dir)
-            log.warning("CogVXTrainLora: %s", estimate(trainer).describe())
+            try:
+                if checkpoint_dir and restart:
+                    removed = clear_checkpoints(checkpoint_dir)
+                    if removed:
+                        log.warning("CogVXTrainLora: restart: removed %d old checkpoint(s) from %s", removed,
+                                    checkpoint_dir)
+                elif checkpoint_dir:
+                    resumed = trainer.resume()
+                    if resumed is not None:
+                        log.warning("CogVXTrainLora: resumed from step %d in %s", resumed, checkpoint_dir)
+                described = estimate(trainer).describe()
+            except BaseException:  # the next queue run must start clean, not find this LoRA on the model
+                _remove_trainable(trainer)
+                raise
+            host.say(described, node)
             trainer.deactivate()
-            session = _SESSIONS[node] = _Session(trainer, signature, checkpoint_dir)
+            session = _SESSIONS[node] = _Session(trainer, signature, checkpoint_dir, described)
         return session
 
     @staticmethod
-    def _outputs(trainer: Trainer, total_steps: int):
+    def _outputs(trainer: Trainer, total_steps: int, described: str = ""):
         history = [[h["step"], h["loss"] if h["loss"] == h["loss"] else None] for h in trainer.history]
         if len(history) > UI_POINTS:  # keep the frontend message small: every k-th point and the last
             k = -(-len(history) // UI_POINTS)
             history = history[::k] + ([history[-1]] if (len(history) - 1) % k else [])
         validations = [[v["step"], v["loss"]] for v in trainer.validations]
         losses = trainer.losses
-        text = (f"step {trainer.step}/{total_steps}" + (f", loss {losses[-1]:.4f}" if losses else "")
+        mean = _last_mean(losses)
+        text = (f"step {trainer.step}/{total_steps}" + (f", loss {mean:.4f} (running mean)" if mean is not None
+                                                        else "")
                 + (f", validation {validations[-1][1]:.4f}" if validations else "")
                 + (" (done)" if trainer.done else ""))
         loss_map = {"loss": losses, "steps": [h["step"] for h in trainer.history],
                     "validation": trainer.validations}
-        ui = {"cogvx_loss": history, "cogvx_validation": validations, "cogvx_total": [total_steps], "text": [text]}
+        ui = {"cogvx_loss": history, "cogvx_validation": validations, "cogvx_total": [total_steps],
+              "cogvx_mean": [mean], "text": [text] + ([described] if described else [])}
         return {"ui": ui, "result": (trainer.lora(), loss_map, trainer.step)}
+
+
+def _last_mean(losses: list[float]) -> float | None:
+    """The loss's running mean at the latest step (what the node's chart and text show), None before any step."""
+    mean = running_mean(losses)[-1] if losses else float("nan")
+    return mean if mean == mean else None
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -1,9 +1,11 @@
 // A loss chart on the CogVXTrainLora node: the raw training loss (light), its running mean (dark) and the fixed-noise
 // validation loss (red dots), with the step count.
 //
-// Data arrives two ways: live, one `cogvx.train.progress` message per step ({node, step, loss, total}, sent by
+// Data arrives two ways: live, one `cogvx.train.progress` message per step ({node, step, loss, mean, total}, sent by
 // nodes/training.py through nodes/host.py), and after each queue run as the node's ui output (`cogvx_loss`: the whole
-// history as [step, loss] pairs, `cogvx_validation`, `cogvx_total`), which replaces what the live messages drew.
+// history as [step, loss] pairs, `cogvx_validation`, `cogvx_total`, `cogvx_mean`), which replaces what the live
+// messages drew. The label's loss is the server's running mean (`mean`), so it equals the node's text; everything is
+// drawn inside the chart's rectangle.
 // Only the classic extension API is used (registerExtension, beforeRegisterNodeDef, onNodeCreated, onExecuted, a
 // custom widget with draw/computeSize), each chained onto the original; without it the file logs one warning.
 
@@ -29,17 +31,19 @@ export function runningMean(values, smoothing = 0.9) {
   return out;
 }
 
-// The chart's state, kept on the node: points [[step, loss|null]], validation [[step, loss]], total steps.
+// The chart's state, kept on the node: points [[step, loss|null]], validation [[step, loss]], total steps, and the
+// server's running mean of the loss at the latest step (null: not known yet).
 export function emptyChart() {
-  return { points: [], validation: [], total: 0 };
+  return { points: [], validation: [], total: 0, mean: null };
 }
 
-export function addPoint(chart, step, loss, total) {
+export function addPoint(chart, step, loss, total, mean = null) {
   const last = chart.points[chart.points.length - 1];
   if (last && last[0] >= step) chart.points = chart.points.filter((p) => p[0] < step); // a restarted run
   chart.points.push([step, loss == null || !Number.isFinite(loss) ? null : loss]);
   if (chart.points.length > MAX_POINTS) chart.points = chart.points.filter((_, i) => i % 2 === 0);
   if (total) chart.total = total;
+  chart.mean = mean ?? null;
   return chart;
 }
 
@@ -47,6 +51,7 @@ export function setHistory(chart, message) {
   if (Array.isArray(message?.cogvx_loss)) chart.points = message.cogvx_loss.map(([s, l]) => [s, l ?? null]);
   if (Array.isArray(message?.cogvx_validation)) chart.validation = message.cogvx_validation.map(([s, l]) => [s, l]);
   if (Array.isArray(message?.cogvx_total) && message.cogvx_total.length) chart.total = message.cogvx_total[0];
+  if (Array.isArray(message?.cogvx_mean)) chart.mean = message.cogvx_mean[0] ?? null;
   return chart;
 }
 
@@ -93,6 +98,9 @@ function polyline(ctx, pts, colour, width) {
 
 export function drawChart(ctx, rect, chart) {
   ctx.save();
+  ctx.beginPath();
+  ctx.rect(rect.x, rect.y, rect.w, rect.h);
+  ctx.clip(); // labels and lines never spill outside the chart (nor the node)
   ctx.fillStyle = "#1e1e1e";
   ctx.fillRect(rect.x, rect.y, rect.w, rect.h);
   ctx.font = "11px sans-serif";
@@ -117,10 +125,10 @@ export function drawChart(ctx, rect, chart) {
     ctx.fill();
   }
   const lastPoint = chart.points[chart.points.length - 1];
-  const lastMean = mean[mean.length - 1];
+  const lastMean = chart.mean ?? mean[mean.length - 1];
   let label = `step ${lastPoint ? lastPoint[0] : 0}/${chart.total || "?"}`;
-  if (lastMean != null) label += `  loss ${lastMean.toPrecision(4)}`;
-  if (chart.validation.length) label += `  val ${chart.validation[chart.validation.length - 1][1].toPrecision(4)}`;
+  if (lastMean != null) label += `  loss ${lastMean.toFixed(4)}`;
+  if (chart.validation.length) label += `  val ${chart.validation[chart.validation.length - 1][1].toFixed(4)}`;
   ctx.fillStyle = "#ddd";
   ctx.fillText(label, rect.x + 44, rect.y + 11);
   ctx.restore();
@@ -182,7 +190,7 @@ if (!app?.registerExtension) {
         const d = event?.detail ?? {};
         const node = app.graph?.getNodeById?.(Number(d.node)) ?? app.graph?.getNodeById?.(d.node);
         if (!node || node.type !== NODE_ID) return;
-        node.cogvxChart = addPoint(node.cogvxChart ?? emptyChart(), d.step, d.loss, d.total);
+        node.cogvxChart = addPoint(node.cogvxChart ?? emptyChart(), d.step, d.loss, d.total, d.mean);
         node.setDirtyCanvas?.(true, false);
       });
     },

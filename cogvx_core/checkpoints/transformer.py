@@ -249,7 +249,16 @@ def load_transformer(path: str | Path, dtype: torch.dtype | None = None, device:
     if unexpected:
         log.warning("%s: ignored %d unexpected tensors (e.g. %s)", source, len(unexpected), ", ".join(unexpected[:3]))
     model.set_attention_backend(attention)
+    model.name = model_name(path)
     return model.eval().requires_grad_(False)
+
+
+def model_name(path: str | Path) -> str:
+    """A model's own name for messages: its folder's (also for its transformer/ folder) or its file's stem."""
+    path = Path(path).resolve()
+    if path.is_file():
+        return path.stem
+    return path.parent.name if path.name == "transformer" else path.name
 
 
 def _dequantize_scaled_fp8(items, dtype):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import statistics
+import sys
 import time
 
 import torch
@@ -24,10 +25,10 @@ def add_arguments(p) -> None:
     p.add_argument("--variant", default="5b", help="architecture of the benchmarked transformer (default 5b)")
     p.add_argument("--layers", type=int, default=2, help="transformer blocks (default 2; the released have 30/42)")
     p.add_argument("--frames", type=int, default=9, help="pixel frames (default 9 -> 3 latent frames)")
-    p.add_argument("--height", type=int, default=256)
-    p.add_argument("--width", type=int, default=384)
-    p.add_argument("--dtype", choices=list(DTYPES), default="float32")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--height", type=int, default=256, help="pixel height of the latents' video")
+    p.add_argument("--width", type=int, default=384, help="pixel width of the latents' video")
+    p.add_argument("--dtype", choices=list(DTYPES), default="float32", help="compute dtype of both implementations")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
     p.add_argument("--repeats", type=int, default=3, help="transformer forwards per implementation")
     p.add_argument("--vae-latents", default="1,16,3,16,24", help="B,C,t,h,w of the latents the VAE decodes")
     p.add_argument("--vae-repeats", type=int, default=1, help="VAE decodes per implementation (each in a fresh "
@@ -124,6 +125,7 @@ def run(args) -> int:
     torch.manual_seed(0)
     print(f"device {args.device}, dtype {args.dtype}, torch {torch.__version__}, threads {torch.get_num_threads()}")
     if args.only in (None, "transformer"):
+        print(f"timing the transformer forward ({args.repeats} runs each) ...", file=sys.stderr, flush=True)
         r = bench_transformer(args)
         print(f"transformer forward ({args.variant} architecture, {args.layers} layers, {r['tokens']} tokens): "
               f"ours {r['ours_s'] * 1000:.1f} ms, reference {r['reference_s'] * 1000:.1f} ms, "
@@ -136,6 +138,7 @@ def run(args) -> int:
         from .bench_vae import bench_vae
 
         shape = tuple(int(n) for n in args.vae_latents.split(","))
+        print(f"timing the VAE decode ({args.vae_repeats} run(s) each) ...", file=sys.stderr, flush=True)
         r = bench_vae(dict(VAE_DEFAULTS), shape, dtype=DTYPES[args.dtype], device=args.device,
                       repeats=args.vae_repeats)
         print(f"VAE decode (released VAE, latents {shape} -> frames {tuple(r['output_shape'])}): "

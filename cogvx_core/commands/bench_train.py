@@ -31,18 +31,19 @@ TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 
 def add_arguments(p) -> None:
     p.add_argument("--variant", default="5b", help="transformer architecture (default 5b)")
-    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--layers", type=int, default=2, help="transformer blocks")
     p.add_argument("--heads", type=int, default=4, help="attention heads of 64 (default 4: width 256)")
-    p.add_argument("--frames", type=int, default=9)
-    p.add_argument("--height", type=int, default=128)
-    p.add_argument("--width", type=int, default=192)
-    p.add_argument("--batch-size", type=int, default=1)
-    p.add_argument("--rank", type=int, default=16)
+    p.add_argument("--frames", type=int, default=9, help="pixel frames per clip, 4k+1")
+    p.add_argument("--height", type=int, default=128, help="clip height in pixels")
+    p.add_argument("--width", type=int, default=192, help="clip width in pixels")
+    p.add_argument("--batch-size", type=int, default=1, help="clips per step")
+    p.add_argument("--rank", type=int, default=16, help="LoRA rank")
     p.add_argument("--steps", type=int, default=5, help="timed steps (after one warm-up step)")
     p.add_argument("--rounds", type=int, default=3, help="worker pairs, run interleaved (reference, ours, ...) so "
                    "that load drift hits both alike; medians over all rounds are reported")
-    p.add_argument("--no-gradient-checkpointing", action="store_true")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--no-gradient-checkpointing", action="store_true", help="keep every block's activations "
+                   "instead of recomputing them (default: checkpointing on)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
     p.add_argument("--threads", type=int, default=0, help="torch threads in each worker (0: torch's default)")
     p.add_argument("--json", help="also write the results here")
     p.add_argument("--worker", choices=["ours", "reference"], help=argparse.SUPPRESS)  # the subprocesses
@@ -286,8 +287,10 @@ def run(args) -> int:
         _prepare(args, work)
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[2]),
                                                                          os.environ.get("PYTHONPATH")]))}
-        for _ in range(max(args.rounds, 1)):
+        rounds = max(args.rounds, 1)
+        for round_ in range(rounds):
             for side in ("reference", "ours"):
+                print(f"round {round_ + 1}/{rounds}: {side} ...", end="", file=sys.stderr, flush=True)
                 cmd = [sys.executable, "-m", "cogvx_core", "bench-train", "--worker", side, "--workdir", str(work),
                        *_passthrough(args)]
                 proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
@@ -295,6 +298,8 @@ def run(args) -> int:
                 if proc.returncode or line is None:
                     raise CogVXError(f"bench-train: the {side} worker failed:\n{proc.stderr[-2000:]}")
                 results[side].append(json.loads(line[len("RESULT "):]))
+                times = results[side][-1]["times"]
+                print(f" {1 / statistics.median(times):.3f} steps/s", file=sys.stderr, flush=True)
 
     def summary(runs: list[dict]) -> dict:
         step = statistics.median(t for r in runs for t in r["times"])

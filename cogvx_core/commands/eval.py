@@ -32,7 +32,7 @@ def add_arguments(p) -> None:
     p.add_argument("--guidance", type=float, default=6.0, help="classifier-free guidance scale (default 6)")
     p.add_argument("--split", choices=["heldout", "train", "spare"], default="heldout",
                    help="whose caption combinations to prompt with (default heldout: never trained)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the prompt order and the noise")
     p.add_argument("--batch-size", type=int, default=10, help="videos generated together (default 10)")
     p.add_argument("--vae-clips", type=int, default=32, help="held-out clips for the VAE PSNR (0: skip; default 32)")
     p.add_argument("--lora", action="append", default=[], metavar="PATH[:STRENGTH]", help="apply a LoRA (repeatable)")
@@ -70,14 +70,13 @@ def run(args) -> int:
                     "lora": args.lora, "adherence": []}
     print(f"{len(prompts)} {args.split} prompts, {size[2]}x{size[1]}, {size[0]} frames, guidance {args.guidance}",
           file=sys.stderr)
-    results = []
+    print(format_table([]), flush=True)  # the table's header now, each row as its setting finishes
     for sampler in samplers:
         for n in steps:
             r = adherence(pipe, prompts, sampler=sampler, steps=n, guidance=args.guidance, seed=args.seed,
                           batch_size=args.batch_size, size=size, progress=_Bar(f"{sampler} {n} steps"))
-            results.append(r)
             report["adherence"].append(r.to_dict(with_verdicts=True))
-    print(format_table(results))
+            print(format_table([r]).splitlines()[-1], flush=True)
     if args.vae_clips > 0:
         start = time.perf_counter()
         vq = vae_quality(pipe.vae, heldout_clips(args.vae_clips, size))

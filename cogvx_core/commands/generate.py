@@ -18,21 +18,22 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 def add_arguments(p) -> None:
     p.add_argument("--model", help="diffusers-format CogVideoX folder (model_index.json, transformer/, vae/, ...); "
                    "default: the built-in cogvx-tiny (64x64, 9 frames, synthetic shapes only)")
-    p.add_argument("--prompt", required=True)
-    p.add_argument("--negative-prompt", default="")
+    p.add_argument("--prompt", required=True, help="what the video shows")
+    p.add_argument("--negative-prompt", default="", help="what to steer away from (empty: the usual "
+                   "negative prompt)")
     p.add_argument("--image", help="start image (image-to-video models)")
     p.add_argument("--end-image", help="end image (image-to-video models, with --image): the video ends on it; not "
                    "part of the released models' training, results vary")
     p.add_argument("--video", help="input video file or folder of frames (video-to-video)")
     p.add_argument("--strength", type=float, default=0.8, help="video-to-video denoise strength (default 0.8)")
     p.add_argument("--frames", type=int, help="pixel frames, 4k+1 (default: the model's)")
-    p.add_argument("--height", type=int)
-    p.add_argument("--width", type=int)
-    p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--guidance", type=float, default=6.0)
+    p.add_argument("--height", type=int, help="pixel height, a multiple of 16 (default: the model's)")
+    p.add_argument("--width", type=int, help="pixel width, a multiple of 16 (default: the model's)")
+    p.add_argument("--steps", type=int, default=50, help="sampling steps")
+    p.add_argument("--guidance", type=float, default=6.0, help="classifier-free guidance scale")
     p.add_argument("--dynamic-cfg", action="store_true", help="the reference's dynamic guidance schedule")
-    p.add_argument("--sampler", choices=["ddim", "dpm"], default="ddim")
-    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--sampler", choices=["ddim", "dpm"], default="ddim", help="CogVideoX DDIM or DPM-Solver++(2M) SDE")
+    p.add_argument("--seed", type=int, default=42, help="noise seed (the same seed gives the same video)")
     p.add_argument("--dtype", choices=list(DTYPES), help="compute dtype (default: the model's recommended)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--fps", type=int, help="frames per second of the written video (default: the model's)")
@@ -68,7 +69,7 @@ def _parse_lora(spec: str) -> tuple[str, float]:
 
 
 def run(args) -> int:
-    from ..pipeline import is_released_size, load_pipeline
+    from ..pipeline import load_pipeline
     from ..variants import snap_request, snap_video
     from ..video_io import frames_to_model_input, pil_to_model_input, read_frames, read_image, write_frames
 
@@ -77,7 +78,8 @@ def run(args) -> int:
 
         if not builtin_models():
             raise CogVXError(f"No --model given and the built-in model is missing ({TINY_MODEL}); pass --model with "
-                             "a diffusers-format CogVideoX folder, or rebuild it: python -m cogvx_core recipe tiny.")
+                             "a diffusers-format CogVideoX folder, or rebuild it: python -m cogvx_core recipe tiny "
+                             "--replace-builtin.")
         args.model = str(TINY_MODEL)
     if not Path(args.model).exists():
         raise CogVXError(f"--model {args.model}: no such folder.")
@@ -92,21 +94,17 @@ def run(args) -> int:
 
         apply_loras(pipe.transformer, [(load_lora(p), s) for p, s in map(_parse_lora, args.lora)])
 
-    height, width = args.height, args.width
-    if not is_released_size(pipe.transformer) and not args.video:
-        # A small model: frames and size it was trained at, not the variant's (an input video keeps its own).
-        cfg = pipe.transformer.config
-        args.frames = args.frames or cfg["sample_frames"]
-        height, width = height or cfg["sample_height"] * 8, width or cfg["sample_width"] * 8
+    height, width = args.height, args.width  # unset: the model's own defaults (the pipeline fills them in)
     if args.end_image and not args.image:
         raise CogVXError("--end-image needs --image: the video starts on the start image and ends on the end image.")
     image = end_image = video = None
     notes = []
     if args.image:
-        height, width = height or variant.height, width or variant.width
+        default_frames, default_height, default_width = pipe.transformer.default_size()
+        height, width = height or default_height, width or default_width
         if variant.i2v:  # the size the run will have, so the images are resized once, as the nodes do
-            _, height, width, _ = snap_request(variant, args.frames or variant.frames, height, width, has_image=True,
-                                               released=is_released_size(pipe.transformer))
+            _, height, width, _ = snap_request(variant, args.frames or default_frames, height, width, has_image=True,
+                                               released=pipe.transformer.released_size, name=pipe.transformer.name)
         image = pil_to_model_input(read_image(args.image), height, width)[None].to(pipe.dtype)  # (1, 3, H, W)
         if args.end_image:
             end_image = pil_to_model_input(read_image(args.end_image), height, width)[None].to(pipe.dtype)
@@ -121,7 +119,7 @@ def run(args) -> int:
                            frames=args.frames, height=height, width=width, steps=args.steps,
                            guidance=args.guidance, dynamic_cfg=args.dynamic_cfg, sampler=args.sampler,
                            seed=args.seed, progress=_Bar("sampling"))
-    for note in notes + result.notes:
+    for note in notes:  # the pipeline's own notes were logged as they arose: printed once, not again here
         print(f"note: {note}", file=sys.stderr)
     out = write_frames(result.frames[0], args.out, fps=args.fps or variant.fps)
     print(out)

@@ -1,6 +1,6 @@
 """`cogvx recipe`: the project's seeded training recipes.
 
-    python -m cogvx_core recipe tiny [--out cogvx_core/models/cogvx-tiny] [--work DIR] [--smoke]
+    python -m cogvx_core recipe tiny [--out DIR | --replace-builtin] [--work DIR] [--smoke]
     python -m cogvx_core recipe lora-demo [--model DIR] [--out DIR]
     python -m cogvx_core recipe eus [--out DIR]
 """
@@ -13,13 +13,20 @@ from pathlib import Path
 
 from ..synthetic import SPARE_COLOUR_NAMES, UNSEEN_SHAPE_COLOURS
 
+DEFAULT_TINY_OUT = "out/cogvx-tiny"
+
 HELP = "seeded training recipes: the built-in tiny model, the LoRA demonstration, the EUS ablation"
 
 
 def add_arguments(p) -> None:
     sub = p.add_subparsers(dest="recipe", metavar="RECIPE", required=True)
-    tiny = sub.add_parser("tiny", help="train the built-in cogvx-tiny model from scratch (data, T5, VAE, transformer)")
-    tiny.add_argument("--out", help="model folder to write (default: the package's cogvx_core/models/cogvx-tiny)")
+    fmt = {"formatter_class": p.formatter_class}  # every level of --help shows the defaults
+    tiny = sub.add_parser("tiny", help="train the built-in cogvx-tiny model from scratch (data, T5, VAE, transformer)",
+                          **fmt)
+    tiny.add_argument("--out", default=DEFAULT_TINY_OUT, help="model folder to write; never the shipped model unless "
+                      f"--replace-builtin (default {DEFAULT_TINY_OUT})")
+    tiny.add_argument("--replace-builtin", action="store_true", help="write the model over the shipped "
+                      "cogvx_core/models/cogvx-tiny (instead of --out)")
     tiny.add_argument("--work", default="out/recipe-tiny", help="work folder: data, caches, checkpoints; a re-run "
                       "continues after the last finished stage (default out/recipe-tiny)")
     tiny.add_argument("--smoke", action="store_true", help="the same stages at a toy scale (seconds)")
@@ -27,7 +34,7 @@ def add_arguments(p) -> None:
                       help="stop after this stage (a later run with the same --work continues; default: all)")
 
     lora = sub.add_parser("lora-demo", help="teach the tiny model a shape colour it never drew with a LoRA trained "
-                          "by the project's trainer; adherence before and after")
+                          "by the project's trainer; adherence before and after", **fmt)
     lora.add_argument("--model", help="base model folder (default: the built-in cogvx-tiny)")
     lora.add_argument("--out", default="out/lora-demo", help="output folder: LoRA, numbers, figure")
     lora.add_argument("--colour", choices=list(UNSEEN_SHAPE_COLOURS), default=SPARE_COLOUR_NAMES[0],
@@ -36,7 +43,7 @@ def add_arguments(p) -> None:
     lora.add_argument("--smoke", action="store_true", help="a toy-scale run (seconds)")
 
     eus = sub.add_parser("eus", help="the paper's Explicit Uniform Sampling ablation: loss-curve variance with and "
-                         "without it")
+                         "without it", **fmt)
     eus.add_argument("--model", help="model folder whose VAE, T5 and transformer config are used (default: the "
                      "built-in cogvx-tiny)")
     eus.add_argument("--out", default="out/eus", help="output folder: numbers and figure")
@@ -49,7 +56,8 @@ def run(args) -> int:
         from ..recipes.tiny import TinyRecipe, build
 
         recipe = TinyRecipe.smoke() if args.smoke else TinyRecipe()
-        result = build(args.out or TINY_MODEL, args.work, recipe, until=args.until)
+        out = TINY_MODEL if args.replace_builtin else args.out
+        result = build(out, args.work, recipe, until=args.until, replace_builtin=args.replace_builtin)
     elif args.recipe == "lora-demo":
         from ..recipes.demos import lora_demo
 

@@ -28,7 +28,7 @@ def add_arguments(p) -> None:
     p.add_argument("--data", required=True, help="folder of clips (mp4/webm/gif/frame folders) and images, each with "
                    "a same-name .txt caption, or a metadata.jsonl")
     p.add_argument("--out", required=True, help="the LoRA to write (.safetensors, diffusers/peft layout)")
-    p.add_argument("--steps", type=int, required=True)
+    p.add_argument("--steps", type=int, required=True, help="optimizer steps of the whole run")
     p.add_argument("--rank", type=int, default=64, help="LoRA rank (default 64)")
     p.add_argument("--alpha", type=float, help="LoRA alpha (default: the rank, i.e. scale 1)")
     p.add_argument("--targets", default="to_q,to_k,to_v,to_out.0",
@@ -36,11 +36,12 @@ def add_arguments(p) -> None:
     p.add_argument("--full-finetune", action="store_true", help="train every weight instead of a LoRA (--out then "
                    "holds the whole transformer)")
     p.add_argument("--lr", type=float, default=1e-4, help="learning rate (default 1e-4)")
-    p.add_argument("--schedule", choices=["constant", "cosine"], default="constant")
+    p.add_argument("--schedule", choices=["constant", "cosine"], default="constant", help="learning-rate schedule "
+                   "after the warmup")
     p.add_argument("--warmup", type=int, default=0, help="linear warmup steps (default 0)")
-    p.add_argument("--weight-decay", type=float, default=1e-4)
+    p.add_argument("--weight-decay", type=float, default=1e-4, help="AdamW weight decay")
     p.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping (0: off; default 1.0)")
-    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--seed", type=int, default=42, help="seed of the LoRA init, data order, timesteps and noise")
     p.add_argument("--frames", type=int, help="longest clip in pixel frames, 4k+1 (default: the model's)")
     p.add_argument("--height", type=int, help="training height (default: the model's)")
     p.add_argument("--width", type=int, help="training width (default: the model's)")
@@ -51,12 +52,13 @@ def add_arguments(p) -> None:
                    "in a batch, padded and masked: the paper's Frame Pack)")
     p.add_argument("--fps", type=float, help="resample clips to this frame rate (default: the model's; 0 keeps each "
                    "clip's own)")
-    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--batch-size", type=int, default=1, help="clips per step (per GPU)")
     p.add_argument("--timestep-sampling", choices=["explicit", "uniform"], default="explicit",
                    help="Explicit Uniform Sampling (default) or the reference trainers' plain uniform draw")
     p.add_argument("--latents", choices=["sample", "mean"], default="sample",
                    help="a fresh VAE posterior draw each step (default, as diffusers' trainer) or its mean")
-    p.add_argument("--no-gradient-checkpointing", action="store_true")
+    p.add_argument("--no-gradient-checkpointing", action="store_true", help="keep every block's activations "
+                   "(faster, far more memory; default: checkpointing on)")
     p.add_argument("--mixed-precision", choices=["bf16", "no"], help="bf16 autocast (default on a GPU) or none "
                    "(default on the CPU)")
     p.add_argument("--dtype", choices=list(DTYPES), help="weight dtype (default: bfloat16 on a GPU, float32 on the CPU)")
@@ -64,7 +66,7 @@ def add_arguments(p) -> None:
     p.add_argument("--cache-dir", help="latent / text-embedding cache (default: <data>/.cogvx_cache)")
     p.add_argument("--checkpoint-dir", help="where resumable checkpoints go")
     p.add_argument("--save-every", type=int, help="checkpoint every N steps (default: 100 with --checkpoint-dir)")
-    p.add_argument("--keep-checkpoints", type=int, default=2)
+    p.add_argument("--keep-checkpoints", type=int, default=2, help="latest checkpoints kept in --checkpoint-dir")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --checkpoint-dir")
     p.add_argument("--val-every", type=int, default=0, help="fixed-noise validation loss every N steps (0: off)")
     p.add_argument("--val-data", help="held-out folder for the validation loss (default: clips of --data)")
@@ -108,7 +110,7 @@ def run(args) -> int:
     from ..schedule import NoiseSchedule
     from ..text import load_text_encoder
     from ..train import ddp
-    from ..train.buckets import make_buckets, parse_resolutions
+    from ..train.buckets import buckets_for, parse_resolutions
     from ..train.dataset import prepare_dataset
     from ..train.estimate import estimate
     from ..train.trainer import Trainer, TrainSettings, latest_checkpoint
@@ -129,11 +131,9 @@ def run(args) -> int:
         dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if cuda else torch.float32)
         transformer = load_transformer(folder.transformer, dtype=dtype, device=info.device)
         variant = transformer.variant
-        frames = args.frames or variant.frames
-        height, width = args.height or variant.height, args.width or variant.width
         resolutions = parse_resolutions(args.buckets) if args.buckets else None
         frame_counts = [int(v) for v in args.frame_buckets.split(",")] if args.frame_buckets else None
-        buckets = make_buckets(variant, frames, height, width, resolutions, frame_counts)
+        buckets = buckets_for(transformer, args.frames, args.height, args.width, resolutions, frame_counts)
         targets = tuple(t.strip() for t in args.targets.split(",") if t.strip())
         settings = TrainSettings(
             steps=args.steps, rank=args.rank, alpha=args.alpha, targets=targets, full_finetune=args.full_finetune,

@@ -44,7 +44,7 @@ def _model_folder(model) -> Path:
     if model is None:
         if not builtin_models():
             raise CogVXError(f"The built-in model is missing ({TINY_MODEL}); pass --model or build it with "
-                             "`python -m cogvx_core recipe tiny`.")
+                             "`python -m cogvx_core recipe tiny --replace-builtin`.")
         return TINY_MODEL
     path = Path(model)
     if not (path / "transformer").is_dir():

@@ -1,7 +1,7 @@
 """The recipe of the built-in model `cogvx-tiny`: a small CogVideoX of the released architecture, trained by this
 project's own code on synthetic clips (cogvx_core/synthetic.py), in one seeded command:
 
-    python -m cogvx_core recipe tiny --out cogvx_core/models/cogvx-tiny [--work DIR]
+    python -m cogvx_core recipe tiny [--out DIR | --replace-builtin] [--work DIR]
 
 Stages (each one's output is kept in the work folder, so a re-run continues after the last finished stage):
   1. data         train clips (the training caption combinations) and held-out clips (combinations never trained),
@@ -550,11 +550,17 @@ def folder_size(folder: Path) -> int:
 
 
 def build(out: str | Path, work: str | Path, recipe: TinyRecipe | None = None, say=_say,
-          until: str = "transformer") -> dict:
+          until: str = "transformer", replace_builtin: bool = False) -> dict:
     """Runs every stage (up to `until`), then packages; returns {"model", "times", "size_bytes"}. A work folder of
-    an earlier run continues where that run stopped (stages whose settings changed are redone)."""
+    an earlier run continues where that run stopped (stages whose settings changed are redone). `out` may be the
+    shipped model's folder only with replace_builtin=True (checked before any work)."""
+    from ..models import TINY_MODEL
+
     r = recipe or TinyRecipe()
     out, work = Path(out), Path(work)
+    if out.resolve() == TINY_MODEL.resolve() and not replace_builtin:
+        raise CogVXError(f"{out} is the shipped built-in model; the recipe replaces it only when asked: add "
+                         "--replace-builtin (or write elsewhere with --out DIR).")
     if until not in STAGES:
         raise CogVXError(f"unknown stage {until!r}; choose one of: {', '.join(STAGES)}.")
     work.mkdir(parents=True, exist_ok=True)

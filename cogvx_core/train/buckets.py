@@ -50,9 +50,12 @@ def parse_resolutions(text: str) -> list[tuple[int, int]]:
 
 def make_buckets(variant: Variant, frames: int, height: int, width: int,
                  resolutions: list[tuple[int, int]] | None = None,
-                 frame_counts: list[int] | None = None) -> Buckets:
+                 frame_counts: list[int] | None = None, *, fixed_size: tuple[int, int] | None = None,
+                 name: str | None = None) -> Buckets:
     """The buckets of a run. Durations default to every count the variant was trained on (frame_step * N + 1) up to
-    `frames`, plus 1 for images; sizes default to (height, width) alone. Every value is checked here, up front."""
+    `frames`, plus 1 for images; sizes default to (height, width) alone. Every value is checked here, up front.
+    fixed_size: the (height, width) a learned position table allows (default: the variant's, for 5b-I2V); name: the
+    model's, for messages."""
     if frames < 1:
         raise CogVXError(f"--frames must be at least 1, got {frames}.")
     if snap_frames(frames) != frames:
@@ -62,9 +65,11 @@ def make_buckets(variant: Variant, frames: int, height: int, width: int,
         if h < 16 or w < 16 or h % 16 or w % 16:
             raise CogVXError(f"Bucket size {w}x{h}: sizes must be multiples of 16 (e.g. "
                              f"{max(16, w // 16 * 16)}x{max(16, h // 16 * 16)}).")
-    if variant.positions == "rope+learned" and any(s != (variant.height, variant.width) for s in sizes):
-        raise CogVXError(f"{variant.title} has learned positions for {variant.width}x{variant.height} only; train at "
-                         "that size.")
+    if fixed_size is None and variant.positions == "rope+learned":
+        fixed_size = (variant.height, variant.width)
+    if fixed_size is not None and any(s != tuple(fixed_size) for s in sizes):
+        raise CogVXError(f"{name or variant.title} has learned positions for {fixed_size[1]}x{fixed_size[0]} only; "
+                         f"train at that size (leave the size unset for the model's own).")
     if frame_counts is None:
         counts = {1, frames} | {n for n in range(1 + variant.frame_step, frames + 1, variant.frame_step)}
     else:
@@ -73,6 +78,16 @@ def make_buckets(variant: Variant, frames: int, height: int, width: int,
         if bad:
             raise CogVXError(f"Duration buckets {bad}: frame counts must be 4k+1 (1, 5, 9, ..., 49).")
     return Buckets(tuple(dict.fromkeys(sizes)), tuple(sorted(counts)))
+
+
+def buckets_for(transformer, frames: int | None = None, height: int | None = None, width: int | None = None,
+                resolutions: list[tuple[int, int]] | None = None, frame_counts: list[int] | None = None) -> Buckets:
+    """make_buckets for a loaded transformer: unset (None or 0) frames and sizes are the model's own defaults, and a
+    learned position table's size is enforced with the model's name."""
+    default_frames, default_height, default_width = transformer.default_size()
+    return make_buckets(transformer.variant, frames or default_frames, height or default_height,
+                        width or default_width, resolutions, frame_counts, fixed_size=transformer.learned_size,
+                        name=transformer.name)
 
 
 def assign(available_frames: int, height: int, width: int, buckets: Buckets) -> tuple[int, int, int]:

@@ -366,7 +366,9 @@ def prepare_dataset(folder: str | os.PathLike, *, vae, text_encoder, variant: Va
             cache.put("latents", e.latent_key, {"mean": posterior.mean[0], "logvar": posterior.logvar[0]},
                       {"source": e.source, "frames": e.frames, "size": f"{e.width}x{e.height}"})
         if not cache.has("text", e.text_key):
-            context = text_encoder.encode([e.caption])[0]  # (L, D)
+            context, info = text_encoder.encode_with_info([e.caption])
+            context = context[0]  # (L, D)
+            notes += [f"{Path(e.source).name}: {note}" for note in info[0].notes]
             cache.put("text", e.text_key, {"context": context}, {"caption": e.caption[:200]})
         if progress is not None:
             progress(n + 1, len(todo))

@@ -87,12 +87,15 @@ def _param_ptrs(module: torch.nn.Module) -> set[int]:
 
 
 def block_bytes_per_token(trainer, text_len: int = 16, grid: tuple[int, int, int] = (2, 4, 8)) -> float:
-    """Activation bytes one transformer block keeps per token, measured on a small input as the run computes."""
+    """Activation bytes one transformer block keeps per token, measured on a small input as the run computes.
+
+    A block sees only the rotary positions (an additive table is applied before the first block), so any grid
+    works here, also for a model whose learned positions fix its size."""
     t = trainer.transformer
     block = t.transformer_blocks[0]
     dev, dtype = trainer.device, t.dtype
     pt = t.patch_size_t
-    _, rope = t._positions(grid[0] // pt or 1, grid[1], grid[2], dev)
+    rope = t.rotary(grid[0] // pt or 1, grid[1], grid[2], dev)
     n = (grid[0] // pt or 1) * grid[1] * grid[2]
     x = torch.randn(1, text_len + n, t.inner_dim, device=dev, dtype=dtype, requires_grad=True)
     temb = torch.randn(1, t.config["time_embed_dim"], device=dev, dtype=dtype)

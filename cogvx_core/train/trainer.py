@@ -174,11 +174,12 @@ class Trainer:
         settings.check()
         variant = transformer.variant
         if variant.i2v:
-            raise CogVXError(f"{variant.title} is an image-to-video model; CogVX trains text-to-video models only so "
-                             "far. Train the matching text-to-video model (5b or 1.5-5b).")
+            raise CogVXError(f"{transformer.name} is an image-to-video model; CogVX trains text-to-video models only "
+                             "so far. Train the matching text-to-video model (5b or 1.5-5b).")
         if dataset.variant != variant.name:
             raise CogVXError(f"The dataset was prepared for CogVideoX {dataset.variant} but the model is "
-                             f"{variant.title}; prepare it again with this model (its frame rules differ).")
+                             f"{transformer.name} ({variant.title}); prepare it again with this model (its frame rules "
+                             "differ).")
         self.settings = settings
         self.dataset, self.val_dataset = dataset, val_dataset or dataset
         self.schedule = schedule or NoiseSchedule.for_variant(variant)
@@ -187,6 +188,12 @@ class Trainer:
         self.device = self.dist.device
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else None
 
+        # the checks that can refuse the run come before the model is changed (a LoRA added)
+        self.sampler = TimestepSampler(self.schedule.num_train_timesteps, settings.timestep_sampling,
+                                       world_size=self.dist.world_size, batch_size=settings.batch_size,
+                                       seed=settings.seed)
+        self.plan = BatchPlan([dataset.group(i, settings.frame_pack) for i in range(len(dataset))],
+                              settings.batch_size, world_size=self.dist.world_size, seed=settings.seed)
         _as_normal_tensors(transformer)
         self.base_fingerprint = module_fingerprint(transformer)
         self.transformer = transformer.to(self.device)
@@ -206,11 +213,6 @@ class Trainer:
         self.model = ddp.wrap(transformer, self.dist)
         self.optimizer = torch.optim.AdamW(self.params, lr=settings.learning_rate, betas=tuple(settings.betas),
                                            eps=settings.adam_eps, weight_decay=settings.weight_decay)
-        self.sampler = TimestepSampler(self.schedule.num_train_timesteps, settings.timestep_sampling,
-                                       world_size=self.dist.world_size, batch_size=settings.batch_size,
-                                       seed=settings.seed)
-        self.plan = BatchPlan([dataset.group(i, settings.frame_pack) for i in range(len(dataset))],
-                              settings.batch_size, world_size=self.dist.world_size, seed=settings.seed)
         self.alphas_cumprod = self.schedule.alphas_cumprod.to(self.device)
         self.step = 0
         self.history: list[dict] = []  # one entry per step: step, loss, lr, grad_norm, timesteps, skipped

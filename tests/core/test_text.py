@@ -205,8 +205,13 @@ def test_long_prompt_is_truncated_with_a_warning(t5, ref32, caplog):
     assert [i.dropped for i in info] == [0, full - MAX_LEN]
     assert info[1].tokens == full and info[1].dropped_text
     assert enc.last_truncation == [info[1]]
+    assert [r for r in caplog.records if r.name == "cogvx_core.text"] == []  # the caller shows info's notes
+    assert info[0].notes == () and len(info[1].notes) == 1
+    assert f"the last {full - MAX_LEN} were dropped" in info[1].notes[0]
+    with caplog.at_level(logging.WARNING, logger="cogvx_core.text"):
+        enc.encode([LONG_PROMPT])  # no caller to show them: logged, once
     warned = [r.getMessage() for r in caplog.records if r.name == "cogvx_core.text"]
-    assert len(warned) == 1 and f"the last {full - MAX_LEN} tokens were dropped" in warned[0]
+    assert warned == [f"Prompt note: {info[1].notes[0]}."]
     assert torch.equal(out, _ref_embeds(ref32, [PROMPTS[0], LONG_PROMPT]))
     ids, _ = enc.tokenize(LONG_PROMPT)
     assert ids.shape == (1, MAX_LEN) and ids[0, -1].item() == 1  # cut, then EOS

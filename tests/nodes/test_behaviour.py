@@ -397,3 +397,8 @@ def test_loras_of_a_handle_apply_for_its_run_only(tiny, tmp_path):
     assert applied_loras(tiny["model"].transformer) == [("style", 1.0)]
     torch.testing.assert_close(run_sampler(tiny, latent), base, rtol=0, atol=0)  # the LoRA is off again
     assert applied_loras(tiny["model"].transformer) == []
+
+
+def test_every_node_sits_in_a_category_folder():
+    for name, cls in N.items():
+        assert cls.CATEGORY.startswith("CogVX/") and cls.CATEGORY.count("/") == 1, (name, cls.CATEGORY)

@@ -4,8 +4,10 @@ import pytest
 import torch
 
 from cogvx_core.errors import CogVXError
-from cogvx_core.train.buckets import BatchPlan, Buckets, assign, make_buckets, pack, parse_resolutions
+from builders import small_transformer_config
+from cogvx_core.train.buckets import BatchPlan, Buckets, assign, buckets_for, make_buckets, pack, parse_resolutions
 from cogvx_core.train.trainer import Trainer, TrainSettings
+from cogvx_core.transformer import build_transformer
 from cogvx_core.variants import VARIANTS
 from trainkit import small_dataset
 
@@ -97,3 +99,18 @@ def test_frame_pack_batch_equals_each_clip_alone(model_folder, tmp_path, variant
         leaky = trainer.compute_loss(latents, noise, t, torch.stack(contexts), mask)
     trainer._key_mask = fn
     assert not torch.allclose(leaky[1], alone[1], rtol=1e-4)
+
+
+def test_buckets_for_a_model_use_its_own_size_and_name():
+    released = build_transformer(VARIANTS["1.5-5b"].transformer_config(), device="meta")
+    assert released.default_size() == (81, 768, 1360)  # the release's, not its config's sample size
+    small = build_transformer(small_transformer_config("5b", use_learned_positional_embeddings=True), device="meta")
+    small.name = "mini"
+    assert small.default_size() == (9, 128, 192) and small.learned_size == (128, 192)  # its config's sample size
+    b = buckets_for(small)
+    assert b.resolutions == ((128, 192),) and b.frame_counts == (1, 9)
+    assert buckets_for(small, 17, 128, 192).frame_counts == (1, 9, 17)
+    with pytest.raises(CogVXError, match=r"mini has learned positions for 192x128 only"):
+        buckets_for(small, height=64)
+    plain = build_transformer(small_transformer_config("5b"), device="meta")
+    assert plain.learned_size is None and buckets_for(plain, height=64, width=64).resolutions == ((64, 64),)

@@ -34,7 +34,7 @@ def parts(model_folder):
 
 def _prepare(parts, data, cache, frames=9, size=(32, 48), fps=0):
     transformer, vae, text = parts
-    vae, text = Counting(vae, "encode_posterior"), Counting(text, "encode")
+    vae, text = Counting(vae, "encode_posterior"), Counting(text, "encode_with_info")
     ds = prepare_dataset(data, vae=vae, text_encoder=text, variant=transformer.variant,
                          buckets=make_buckets(transformer.variant, frames, *size), cache_dir=cache, fps=fps)
     return ds, vae.calls, text.calls

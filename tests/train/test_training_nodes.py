@@ -14,6 +14,7 @@ import torch
 import nodes
 from cogvx_core.checkpoints.lora import read_lora
 from cogvx_core.errors import CogVXError
+from cogvx_core.lora import add_trainable_lora, applied_loras
 from cogvx_core.train.plot import running_mean
 from cogvx_core.train.trainer import Trainer, TrainSettings
 from nodes import host, training
@@ -175,6 +176,43 @@ def test_save_and_plot_nodes(handles, dataset, tmp_path, monkeypatch):
     assert empty.shape == (1, 128, 256, 3)
 
 
+def test_a_failed_run_leaves_the_next_one_working(handles, dataset, monkeypatch):
+    model = handles[0]
+    real, failures = training.estimate, []
+
+    def fails_once(trainer, **kwargs):  # any failure after the trainer put its LoRA on the model
+        if not failures:
+            failures.append(trainer)
+            raise CogVXError("estimate failed")
+        return real(trainer, **kwargs)
+
+    monkeypatch.setattr(training, "estimate", fails_once)
+    with pytest.raises(CogVXError, match="estimate failed"):
+        CogVXTrainLora().train(model, dataset, **TRAIN, unique_id="failed")
+    assert applied_loras(model.transformer) == []  # the failed session's LoRA came off
+    # a LoRA left by a trainer that died half-built does not block the next run either
+    add_trainable_lora(model.transformer, 2, None, ("to_q",))
+    out = CogVXTrainLora().train(model, dataset, **TRAIN, unique_id="failed")
+    assert out["result"][2] == 3
+    training.drop_session("failed")
+    assert applied_loras(model.transformer) == []
+
+
+def test_the_node_shows_one_loss_display_and_its_estimate(handles, dataset, monkeypatch):
+    previews, sent = [], []
+    monkeypatch.setattr(host.Progress, "update", lambda self, done, preview=None: previews.append(preview))
+    monkeypatch.setattr(host, "send", lambda event, data: sent.append(data))
+    out = CogVXTrainLora().train(handles[0], dataset, **TRAIN, unique_id="ui")
+    trainer = training._SESSIONS["ui"].trainer
+    training.drop_session("ui")
+    assert len(previews) == 3 and previews == [None] * 3  # no progress-bar chart beside the node's own
+    ui = out["ui"]
+    mean = running_mean(trainer.losses)[-1]
+    assert ui["cogvx_mean"] == [pytest.approx(mean)] and sent[-1]["mean"] == pytest.approx(mean)
+    assert ui["text"][0] == f"step 3/6, loss {mean:.4f} (running mean)"  # the number the chart's label shows
+    assert ui["text"][1].startswith("estimate: peak memory") and "trainable parameters" in ui["text"][1]
+
+
 def test_nodes_are_registered():
     for name in ("CogVXDataset", "CogVXTrainLora", "CogVXSaveLora", "CogVXLossPlot"):
         assert name in nodes.NODE_CLASS_MAPPINGS and name in nodes.NODE_DISPLAY_NAME_MAPPINGS
@@ -213,9 +251,14 @@ graphNodes[7] = node;
 listeners["cogvx.train.progress"]({ detail: { node: "7", step: 1, loss: 0.5, total: 10 } });
 listeners["cogvx.train.progress"]({ detail: { node: "7", step: 2, loss: null, total: 10 } });
 const live = JSON.parse(JSON.stringify(node.cogvxChart));
-node.onExecuted({ cogvx_loss: [[1, 0.5], [2, null], [3, 0.25]], cogvx_validation: [[3, 0.3]], cogvx_total: [10] });
+listeners["cogvx.train.progress"]({ detail: { node: "7", step: 3, loss: 0.2, mean: 0.35, total: 10 } });
+const liveMean = node.cogvxChart.mean;
+node.onExecuted({ cogvx_loss: [[1, 0.5], [2, null], [3, 0.25]], cogvx_validation: [[3, 0.3]], cogvx_total: [10],
+                  cogvx_mean: [0.31234] });
 const calls = [];
-const ctx = new Proxy({}, { get: (t, k) => (k in t ? t[k] : (...a) => calls.push(k)), set: (t, k, v) => { t[k] = v; return true; } });
+const texts = [];
+const ctx = new Proxy({}, { get: (t, k) => (k in t ? t[k] : (...a) => { calls.push(k); if (k === "fillText") texts.push(a); }),
+                            set: (t, k, v) => { t[k] = v; return true; } });
 const widget = node.widgets.find((w) => w.name === "cogvx_loss_chart");
 widget.draw(ctx, node, 320, 40);
 const s = mod.scales(node.cogvxChart, { x: 0, y: 0, w: 100, h: 50 });
@@ -223,7 +266,8 @@ console.log(JSON.stringify({
   names: extensions.map((e) => e.name), logs, live, chart: node.cogvxChart, chained,
   serialize: [widget.serialize, widget.options.serialize], size: node.size, otherPatched: "onExecuted" in Other.prototype,
   strokes: calls.filter((c) => c === "stroke").length, arcs: calls.filter((c) => c === "arc").length,
-  mean: mod.runningMean([1, null, 3, 2], 0.5), yTop: s.y(0.5), yBottom: s.y(0.25), xLast: s.x(10),
+  mean: mod.runningMean([1, null, 3, 2], 0.5), yTop: s.y(0.5), yBottom: s.y(0.25), xLast: s.x(10), liveMean, texts,
+  clipped: calls.indexOf("clip") >= 0 && calls.indexOf("clip") < calls.indexOf("fillRect"),
 }));
 """
 
@@ -239,8 +283,13 @@ def test_web_chart(tmp_path):
     assert run.returncode == 0, run.stderr
     r = json.loads(run.stdout)
     assert r["names"] == ["CogVX.Training"] and r["logs"] == []
-    assert r["live"] == {"points": [[1, 0.5], [2, None]], "validation": [], "total": 10}
-    assert r["chart"] == {"points": [[1, 0.5], [2, None], [3, 0.25]], "validation": [[3, 0.3]], "total": 10}
+    assert r["live"] == {"points": [[1, 0.5], [2, None]], "validation": [], "total": 10, "mean": None}
+    assert r["liveMean"] == 0.35  # live: the server's running mean
+    assert r["chart"] == {"points": [[1, 0.5], [2, None], [3, 0.25]], "validation": [[3, 0.3]], "total": 10,
+                          "mean": 0.31234}
+    label = r["texts"][-1]
+    assert "loss 0.3123" in label[0] and "val 0.3000" in label[0]  # the node's text formats it the same: .4f
+    assert r["clipped"]  # everything drawn is clipped to the chart's rectangle, inside the node
     assert r["chained"] == 1 and r["otherPatched"] is False
     assert r["serialize"] == [False, False] and r["size"] == [320, 300]
     assert r["strokes"] == 2 and r["arcs"] == 1  # raw line, running mean, one validation dot
