@@ -43,7 +43,7 @@ def add_arguments(p) -> None:
 def run(args) -> int:
     from ..models import TINY_MODEL, builtin_models
     from ..pipeline import load_pipeline
-    from ..quality import adherence, benchmark_prompts, format_table, heldout_clips, model_size, vae_quality
+    from ..recipes.quality import adherence, benchmark_prompts, format_table, heldout_clips, model_size, vae_quality
     from .generate import _Bar, _parse_lora
 
     samplers = [s.strip() for s in args.samplers.split(",") if s.strip()]

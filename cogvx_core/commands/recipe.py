@@ -11,7 +11,7 @@ import json
 import sys
 from pathlib import Path
 
-from ..synthetic import SPARE_COLOUR_NAMES, UNSEEN_SHAPE_COLOURS
+from ..recipes.synthetic import SPARE_COLOUR_NAMES, UNSEEN_SHAPE_COLOURS
 
 HELP = "seeded training recipes: the built-in tiny model, the LoRA demonstration, the EUS ablation"
 

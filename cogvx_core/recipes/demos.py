@@ -31,7 +31,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from ..errors import CogVXError
-from ..synthetic import (SPARE_COLOUR_NAMES, UNSEEN_SHAPE_COLOURS, Combo, all_combos, caption, centred, combos_for,
+from .synthetic import (SPARE_COLOUR_NAMES, UNSEEN_SHAPE_COLOURS, Combo, all_combos, caption, centred, combos_for,
                          random_clip, render)
 from .tiny import SCHEDULER_CONFIG, TinyRecipe, _say, _write_json, init_transformer
 
@@ -143,10 +143,10 @@ def lora_demo(model=None, out="out/lora-demo", *, colour: str = LORA_COLOUR, smo
               say=_say) -> dict:
     from ..lora import apply_loras, load_lora, remove_loras
     from ..pipeline import load_pipeline
-    from ..quality import adherence, benchmark_prompts, model_size
     from ..schedule import NoiseSchedule
     from ..train.trainer import Trainer, TrainSettings
     from ..transformer import CogVideoXTransformer  # noqa: F401  (type of pipe.transformer)
+    from .quality import adherence, benchmark_prompts, model_size
 
     model, out = _model_folder(model), Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -295,8 +295,8 @@ def _eus_figure(curves: dict[str, list[float]], path: Path, numbers: str, window
 
 def eus_ablation(model=None, out="out/eus", *, smoke: bool = False, say=_say) -> dict:
     from ..schedule import NoiseSchedule
-    from ..synthetic import make_dataset
     from ..train.trainer import Trainer, TrainSettings
+    from .synthetic import make_dataset
 
     model, out = _model_folder(model), Path(out)
     out.mkdir(parents=True, exist_ok=True)

@@ -1,5 +1,5 @@
 """The recipe of the built-in model `cogvx-tiny`: a small CogVideoX of the released architecture, trained by this
-project's own code on synthetic clips (cogvx_core/synthetic.py), in one seeded command:
+project's own code on synthetic clips (cogvx_core/recipes/synthetic.py), in one seeded command:
 
     python -m cogvx_core recipe tiny --out cogvx_core/models/cogvx-tiny [--work DIR]
 
@@ -43,7 +43,7 @@ import numpy as np
 import torch
 
 from ..errors import CogVXError
-from ..synthetic import (COLOUR_NAMES, SIZES, SPARE_COLOUR_NAMES, UNSEEN_SHAPE_COLOURS, Clip, all_combos, caption,
+from .synthetic import (COLOUR_NAMES, SIZES, SPARE_COLOUR_NAMES, UNSEEN_SHAPE_COLOURS, Clip, all_combos, caption,
                          centred, dataset_clips, random_clip, render, render_uint8)
 
 log = logging.getLogger(__name__)

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from cogvx_core.analysis import judge
 from cogvx_core.cli import main
 from cogvx_core.models import TINY_MODEL, builtin_models
+from cogvx_core.recipes.analysis import judge
 from cogvx_core.recipes.tiny import folder_size
 from cogvx_core.video_io import read_frames
 

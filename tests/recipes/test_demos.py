@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-from cogvx_core.recipes.demos import LORA_COLOUR, curve_variance, eus_ablation, lora_demo, lora_split, moving_average
 from cogvx_core.errors import CogVXError
-from cogvx_core.synthetic import UNSEEN_SHAPE_COLOURS, all_combos, combos_for
+from cogvx_core.recipes.demos import LORA_COLOUR, curve_variance, eus_ablation, lora_demo, lora_split, moving_average
+from cogvx_core.recipes.synthetic import UNSEEN_SHAPE_COLOURS, all_combos, combos_for
 
 
 def test_curve_variance_measures_jitter_around_the_trend():

@@ -10,8 +10,8 @@ import torch
 
 from cogvx_core.checkpoints.t5 import load_t5_tokenizer
 from cogvx_core.pipeline import load_pipeline
+from cogvx_core.recipes.synthetic import PALETTE
 from cogvx_core.recipes.tiny import TinyRecipe, all_captions, caption_spread, folder_size
-from cogvx_core.synthetic import PALETTE
 from cogvx_core.text import load_text_encoder
 
 PROMPT = "a red circle moves to the left on a black background"
@@ -102,8 +102,8 @@ def test_a_stage_is_reused_while_its_settings_stand_and_redone_when_they_change(
 
 
 def test_centred_layout_keeps_sizes_and_speeds_and_centres_the_path():
+    from cogvx_core.recipes.synthetic import centres
     from cogvx_core.recipes.tiny import recipe_clips
-    from cogvx_core.synthetic import centres
 
     r = TinyRecipe()
     free = recipe_clips(12, r, "train")
@@ -123,9 +123,9 @@ def dataclasses_replace(obj, **kw):
 def test_unseen_colour_clips_for_the_vae_show_only_colours_no_base_clip_has():
     import dataclasses
 
-    from cogvx_core.analysis import analyse
+    from cogvx_core.recipes.analysis import analyse
+    from cogvx_core.recipes.synthetic import UNSEEN_SHAPE_COLOURS
     from cogvx_core.recipes.tiny import stage_settings, unseen_colour_clips
-    from cogvx_core.synthetic import UNSEEN_SHAPE_COLOURS
 
     r = TinyRecipe()
     clips = unseen_colour_clips(6, r)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from cogvx_core.errors import CogVXError
-from cogvx_core.synthetic import dataset_clips, render
+from cogvx_core.recipes.synthetic import dataset_clips, render
 from cogvx_core.train.vae import (PatchDiscriminator3D, VAETrainer, VAETrainSettings, kl_to_unit_gaussian,
                                   reconstruction_psnr, to_model_input)
 from cogvx_core.vae import build_vae
