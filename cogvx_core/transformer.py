@@ -128,7 +128,7 @@ class CogVideoXTransformer(nn.Module):
         self.attention_backend = name
 
     # -- positions ----------------------------------------------------------------------------------------------
-    def _positions(self, t: int, h: int, w: int, device: torch.device):
+    def positions(self, t: int, h: int, w: int, device: torch.device):
         """(additive table or None, RoPE rotations or None) for a post-patch token grid (t, h, w)."""
         cfg = self.config
         table = rope = None
@@ -149,12 +149,13 @@ class CogVideoXTransformer(nn.Module):
             else:  # the reference silently falls back to the sin-cos table for other lengths
                 log.warning("%s was trained at %d frames; other lengths use a sin-cos table instead of its learned "
                             "positions (as the reference does) and look worse.", self.variant.title, cfg["sample_frames"])
-                table = self._sincos(t, h, w, device)
+                table = self.sincos_table(t, h, w, device)
         elif not cfg["use_rotary_positional_embeddings"]:
-            table = self._sincos(t, h, w, device)
+            table = self.sincos_table(t, h, w, device)
         return table, rope
 
-    def _sincos(self, t: int, h: int, w: int, device) -> torch.Tensor:
+    def sincos_table(self, t: int, h: int, w: int, device) -> torch.Tensor:
+        """The additive sin-cos position table (text + t*h*w tokens, D) of a post-patch grid; text rows are 0."""
         cfg = self.config
         video = _sincos_cache(self.inner_dim, t, h, w, cfg["spatial_interpolation_scale"],
                               cfg["temporal_interpolation_scale"], str(device))
@@ -200,7 +201,7 @@ class CogVideoXTransformer(nn.Module):
         p, pt = self.patch_size, self.patch_size_t
         grid = (t // pt, h // p, w // p)
         tokens = torch.cat([self.patch_embed.text_proj(context), self.patch_embed.patchify(x)], dim=1)  # (B, S, D)
-        table, rope = self._positions(*grid, x.device)
+        table, rope = self.positions(*grid, x.device)
         if table is not None:
             tokens = tokens + table.to(dtype)[-tokens.shape[1]:]  # 2b/5b-I2V: (text +) video rows
 

@@ -112,7 +112,7 @@ def _prepare(args, work: Path) -> None:
     trainer = Trainer(model, dataset, settings, scaling_factor=1.0)
     inputs = {}
     for step in range(args.steps + 1):
-        _, latents, mask, context, noise, t = trainer._batch(step)
+        _, latents, mask, context, noise, t = trainer.batch(step)
         inputs.update({f"{step}.latents": latents, f"{step}.noise": noise, f"{step}.t": t, f"{step}.context": context})
     save_file({k: v.contiguous() for k, v in inputs.items()}, str(work / "inputs.safetensors"))
 

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from ..errors import CogVXError
+from .common import bar
 
 HELP = "train a LoRA on a folder of videos/images with captions"
 
@@ -89,11 +90,9 @@ class TrainBar:
         done = r.step - self.start_step
         per_step = (time.perf_counter() - self.started) / max(done, 1)
         eta = per_step * (self.total - r.step)
-        width = 24
-        filled = int(width * r.step / max(self.total, 1))
         loss = "skipped (not finite)" if r.skipped else f"{r.loss:.4f}"
         extra = f" val {self.val:.4f}" if self.val is not None else ""
-        self.stream.write(f"\rtrain [{'#' * filled}{'.' * (width - filled)}] {r.step}/{self.total} loss {loss} "
+        self.stream.write(f"\rtrain {bar(r.step, self.total, 24)} {r.step}/{self.total} loss {loss} "
                           f"(avg {self.mean if self.mean is not None else float('nan'):.4f}){extra} "
                           f"{r.seconds:.2f}s/step ETA {int(eta) // 60}m{int(eta) % 60:02d}s ")
         if r.step >= self.total or r.validation or r.rolled_back:

@@ -282,7 +282,9 @@ class Trainer:
             x = torch.cat([x[:, :1].repeat(1, pt - x.shape[1] % pt, 1, 1), x], dim=1)
         return x
 
-    def _batch(self, step: int):
+    def batch(self, step: int):
+        """This rank's inputs of a step: (items, latents (B, C, T, H, W), frame mask, context, noise, timesteps);
+        a pure function of (seed, step, rank)."""
         s, rank = self.settings, self.dist.rank
         items = self.plan.batch(step, rank)
         g = generator(s.seed, "latents", step, rank) if s.latent_sampling == "sample" else None
@@ -299,7 +301,8 @@ class Trainer:
         tokens_per_frame = (latents.shape[3] // p) * (latents.shape[4] // p)
         return attention_key_mask(frame_mask, text_len, tokens_per_frame, self.transformer.patch_size_t).to(self.device)
 
-    def _autocast(self):
+    def autocast(self):
+        """The settings' mixed precision around a forward pass."""
         enabled = self.settings.mixed_precision == "bf16"
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=enabled)
 
@@ -310,7 +313,7 @@ class Trainer:
         x0 = latents.to(dev, dtype)
         noisy = self.schedule.add_noise(x0, noise.to(dev, dtype), timesteps.to(dev))
         self._attention.mask = self._key_mask(frame_mask, latents, context.shape[1])
-        with self._autocast():
+        with self.autocast():
             out = model(noisy, timesteps.to(dev), context.to(dev, dtype))
         return v_prediction_loss(out, noisy, x0, timesteps.to(dev), self.alphas_cumprod, frame_mask)
 
@@ -320,7 +323,7 @@ class Trainer:
             self.activate()
         start = time.perf_counter()
         step, s = self.step, self.settings
-        _, latents, frame_mask, context, noise, timesteps = self._batch(step)
+        _, latents, frame_mask, context, noise, timesteps = self.batch(step)
         lr = self.lr_at(step)
         for group in self.optimizer.param_groups:
             group["lr"] = lr

@@ -152,5 +152,5 @@ def test_the_recipe_transformer_is_a_5b_t2v_with_a_sincos_started_position_table
     text = cfg["max_text_seq_length"]
     torch.testing.assert_close(table[:text], sincos_1d_table(table.shape[1], text).float())
     grid = ((cfg["sample_frames"] - 1) // 4 + 1, cfg["sample_height"] // 2, cfg["sample_width"] // 2)
-    torch.testing.assert_close(table[text:], model._sincos(*grid, torch.device("cpu"))[text:].float())
+    torch.testing.assert_close(table[text:], model.sincos_table(*grid, torch.device("cpu"))[text:].float())
     assert table[text:].abs().sum() > 0

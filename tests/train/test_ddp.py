@@ -56,7 +56,7 @@ def test_torchrun_two_gloo_processes_equal_gradient_averaging(model_folder, tmp_
             group["lr"] = ref.lr_at(step)
         for rank in range(2):
             ref.dist = ddp.DistInfo(rank=rank, world_size=2)  # only the batch choice reads it here
-            _, latents, mask, context, noise, t = ref._batch(step)
+            _, latents, mask, context, noise, t = ref.batch(step)
             ref.dist = ddp.DistInfo()
             seen_t.append(t)
             (ref.compute_loss(latents, noise, t, context, mask).mean() / 2).backward()

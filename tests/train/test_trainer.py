@@ -196,7 +196,7 @@ def test_trains_a_model_loaded_under_inference_mode(setup):
 def test_memory_estimate_matches_what_autograd_keeps(setup):
     t = _trainer(setup, gradient_checkpointing=False)
     est = estimate(t)
-    _, latents, mask, context, noise, ts = t._batch(0)
+    _, latents, mask, context, noise, ts = t.batch(0)
     assert latents.shape[0] == 2
     # measure the largest batch: two 9-frame clips
     latents = torch.stack([t._clip_latents(i, None, t.dataset) for i in (0, 2)])
