@@ -37,11 +37,12 @@ SAMPLERS, randn_like_reference = _names("samplers", "SAMPLERS randn_like_referen
 DEFAULT_MAX_LENGTH, TextEncoder, fit_context, load_text_encoder = _names(
     "text", "DEFAULT_MAX_LENGTH TextEncoder fit_context load_text_encoder")
 make_buckets, parse_resolutions = _names("train.buckets", "make_buckets parse_resolutions")
+[clear_checkpoints] = _names("train.checkpoint", "clear_checkpoints")
 TrainingDataset, prepare_dataset, scan_folder = _names("train.dataset", "CogVXDataset prepare_dataset scan_folder")
 [builtin_models] = _names("models", "builtin_models")
 [estimate] = _names("train.estimate", "estimate")
 [loss_chart] = _names("train.plot", "loss_chart")
-Trainer, TrainSettings, clear_checkpoints = _names("train.trainer", "Trainer TrainSettings clear_checkpoints")
+Trainer, TrainSettings = _names("train.trainer", "Trainer TrainSettings")
 [CogVideoXTransformer] = _names("transformer", "CogVideoXTransformer")
 [DiagonalGaussian] = _names("vae", "DiagonalGaussian")
 VARIANTS, Variant, get_variant, snap_request = _names("variants", "VARIANTS Variant get_variant snap_request")

@@ -111,7 +111,8 @@ def run(args) -> int:
     from ..train.buckets import make_buckets, parse_resolutions
     from ..train.dataset import prepare_dataset
     from ..train.estimate import estimate
-    from ..train.trainer import Trainer, TrainSettings, latest_checkpoint
+    from ..train.checkpoint import latest_checkpoint
+    from ..train.trainer import Trainer, TrainSettings
 
     root = Path(args.model)
     if not (root / "transformer").is_dir():

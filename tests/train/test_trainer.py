@@ -19,7 +19,8 @@ from cogvx_core.checkpoints.lora import read_lora
 from cogvx_core.errors import CogVXError
 from cogvx_core.train.dataset import load_manifest, save_manifest
 from cogvx_core.train.estimate import _param_ptrs, estimate, saved_activation_bytes
-from cogvx_core.train.trainer import Trainer, TrainSettings, latest_checkpoint, list_checkpoints, write_checkpoint
+from cogvx_core.train.checkpoint import latest_checkpoint, list_checkpoints, write_checkpoint
+from cogvx_core.train.trainer import Trainer, TrainSettings
 from trainkit import load_parts, small_dataset
 
 HERE = Path(__file__).resolve().parent
