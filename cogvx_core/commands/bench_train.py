@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from ..errors import CogVXError
+from .common import require_reference
 
 HELP = "benchmark one LoRA training step against diffusers + peft (steps/s, peak memory, loss parity)"
 
@@ -273,12 +274,7 @@ def run(args) -> int:
         result = (_worker_ours if args.worker == "ours" else _worker_reference)(args, Path(args.workdir))
         print("RESULT " + json.dumps(result))
         return 0
-    import importlib.util
-
-    missing = [m for m in ("diffusers", "peft") if importlib.util.find_spec(m) is None]
-    if missing:
-        raise CogVXError(f"bench-train compares against the reference and needs {' and '.join(missing)}: "
-                         f"pip install {' '.join(missing)}")
+    require_reference("bench-train", "diffusers", "peft")
     results: dict[str, list[dict]] = {"reference": [], "ours": []}
     with tempfile.TemporaryDirectory(prefix="cogvx-bench-train-") as tmp:
         work = Path(tmp)

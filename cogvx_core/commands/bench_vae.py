@@ -23,6 +23,7 @@ import torch
 
 from ..errors import CogVXError
 from ..variants import VAE_DEFAULTS
+from .common import require_reference
 
 HELP = "benchmark VAE decode (time, peak memory) against diffusers' AutoencoderKLCogVideoX"
 
@@ -203,6 +204,7 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
+    require_reference("bench-vae", "diffusers")
     config = json.loads(Path(args.config).read_text()) if args.config else dict(VAE_DEFAULTS)
     try:
         shape = [int(v) for v in args.latent_shape.split(",")]

@@ -1,9 +1,13 @@
-"""Small pieces several commands share: the progress bar on stderr and the --lora PATH[:STRENGTH] argument."""
+"""Small pieces several commands share: the progress bar on stderr, the --lora PATH[:STRENGTH] argument and the
+check that the benchmarks' test-only reference (diffusers, peft) is installed."""
 
 from __future__ import annotations
 
+import importlib.util
 import sys
 import time
+
+from ..errors import CogVXError
 
 
 def bar(done: int, total: int, width: int) -> str:
@@ -35,3 +39,18 @@ def parse_lora(spec: str) -> tuple[str, float]:
         except ValueError:
             pass
     return spec, 1.0
+
+
+def require_reference(command: str, *packages: str) -> None:
+    """Stops `command` with one clear line when a package of the reference it compares against is missing."""
+    missing = [name for name in packages if not _installed(name)]
+    if missing:
+        raise CogVXError(f"`{command}` needs {' and '.join(missing)}, the test-only reference: "
+                         "pip install -e '.[test]'")
+
+
+def _installed(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):  # a module blocked in sys.modules (None) or without a spec
+        return False

@@ -33,3 +33,19 @@ def test_console_script():
         pytest.skip("the `cogvx` console script is not installed here (pip install -e . installs it)")
     out = subprocess.run([exe, "--help"], capture_output=True, text=True, timeout=120)
     assert out.returncode in (0, 2) and "generate" in out.stdout
+
+
+@pytest.mark.parametrize("command, blocked, named", [
+    ("bench", ("diffusers",), "diffusers"),
+    ("bench-vae", ("diffusers",), "diffusers"),
+    ("bench-train", ("diffusers",), "diffusers"),
+    ("bench-train", ("peft",), "peft"),
+])
+def test_benchmarks_without_the_reference_say_what_to_install(command, blocked, named):
+    """The benchmarks compare against the test-only reference; without it they stop with one line, exit 2."""
+    block = "".join(f"sys.modules[{name!r}] = None; " for name in blocked)  # import (and find_spec) now fail
+    code = f"import sys; {block}from cogvx_core.cli import main; sys.exit(main([{command!r}]))"
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2, out.stderr
+    assert out.stderr.strip().splitlines() == [
+        f"error: `{command}` needs {named}, the test-only reference: pip install -e '.[test]'"]
