@@ -17,6 +17,7 @@ from cogvx_core.text import load_text_encoder
 PROMPT = "a red circle moves to the left on a black background"
 
 
+@pytest.mark.slow
 def test_the_folder_has_every_part(smoke_model):
     model, work, result = smoke_model
     for part in ("model_index.json", "scheduler/scheduler_config.json", "transformer/config.json",
@@ -31,6 +32,7 @@ def test_the_folder_has_every_part(smoke_model):
     assert not (model.parent / "model.tmp").exists()
 
 
+@pytest.mark.slow
 def test_our_loaders_read_it(smoke_model):
     model, _, _ = smoke_model
     pipe = load_pipeline(model)
@@ -42,6 +44,7 @@ def test_our_loaders_read_it(smoke_model):
     assert out.frames.shape == (1, 9, 64, 64, 3)
 
 
+@pytest.mark.slow
 def test_the_tokenizer_has_one_token_per_caption_word(smoke_model):
     model, _, _ = smoke_model
     tok = load_t5_tokenizer(model / "tokenizer")
@@ -52,6 +55,7 @@ def test_the_tokenizer_has_one_token_per_caption_word(smoke_model):
     assert tok.unk_token_id in tok("a pink circle").input_ids  # a word it was not trained on
 
 
+@pytest.mark.slow
 def test_distinct_captions_get_distinct_contexts(smoke_model):
     model, _, _ = smoke_model
     encoder = load_text_encoder(model, max_length=TinyRecipe().text_length)
@@ -61,6 +65,7 @@ def test_distinct_captions_get_distinct_contexts(smoke_model):
     assert spread["min_nearest"] > 0.05 * spread["median_pair"]
 
 
+@pytest.mark.slow
 def test_diffusers_reads_the_folder_and_makes_the_same_video(smoke_model):
     pytest.importorskip("diffusers")
     from diffusers import CogVideoXPipeline

@@ -38,6 +38,7 @@ def test_input_layout_and_kl():
     assert kl_to_unit_gaussian(mean + 2, logvar) == pytest.approx(2.0)  # 0.5 * mean^2
 
 
+@pytest.mark.slow
 def test_training_lowers_the_reconstruction_loss():
     data = clips(4)
     vae = fresh_vae()

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors import safe_open
 
@@ -20,6 +21,7 @@ from trainkit import CAPTIONS, load_parts, write_clip
 STEPS = 3
 
 
+@pytest.mark.slow
 def test_torchrun_two_gloo_processes_equal_gradient_averaging(model_folder, tmp_path):
     folder = model_folder("5b")
     data = tmp_path / "data"

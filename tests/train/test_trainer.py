@@ -69,6 +69,7 @@ def test_resume_in_process_is_bitwise_exact(setup, tmp_path):
     assert any(float(v.abs().max()) > 0 for k, v in a.items() if k.endswith("up"))
 
 
+@pytest.mark.slow
 def test_kill_and_resume_equals_an_uninterrupted_run(setup, tmp_path):
     """A training process SIGKILLed after a checkpoint, then resumed, writes the same LoRA bits as a run never
     interrupted."""
