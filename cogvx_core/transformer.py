@@ -32,6 +32,7 @@ class PatchEmbed(nn.Module):
     def __init__(self, cfg: dict, dim: int, device=None, dtype=None):
         super().__init__()
         p, pt, c = cfg["patch_size"], cfg["patch_size_t"], cfg["in_channels"]
+        self.patch_size, self.patch_size_t = p, pt  # pt None: 1.0's per-frame Conv2d
         if pt is None:
             self.proj = Conv2d(c, dim, kernel_size=p, stride=p, bias=cfg["patch_bias"], device=device, dtype=dtype)
         else:  # 1.5 always has the bias, whatever patch_bias says
@@ -49,11 +50,10 @@ class PatchEmbed(nn.Module):
     def patchify(self, x: torch.Tensor) -> torch.Tensor:
         # x: (B, C, T, H, W) -> tokens (B, N, D) in (t, h, w) order
         b, c, t, h, w = x.shape
-        if isinstance(self.proj, Conv2d):
+        p, pt = self.patch_size, self.patch_size_t
+        if pt is None:
             y = self.proj(x.transpose(1, 2).reshape(b * t, c, h, w))  # (B*T, D, H/p, W/p)
             return y.flatten(2).transpose(1, 2).reshape(b, -1, y.shape[1])
-        pt = self.proj.in_features // (c * 4)
-        p = 2
         # features ordered (c, pt, ph, pw) as the reference's Linear expects
         x = x.reshape(b, c, t // pt, pt, h // p, p, w // p, p).permute(0, 2, 4, 6, 1, 3, 5, 7)
         return self.proj(x.reshape(b, (t // pt) * (h // p) * (w // p), c * pt * p * p))
