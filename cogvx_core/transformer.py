@@ -32,6 +32,7 @@ class PatchEmbed(nn.Module):
     def __init__(self, cfg: dict, dim: int, device=None, dtype=None):
         super().__init__()
         p, pt, c = cfg["patch_size"], cfg["patch_size_t"], cfg["in_channels"]
+        self.patch_size, self.patch_size_t = p, pt  # pt None: 1.0's per-frame Conv2d
         if pt is None:
             self.proj = Conv2d(c, dim, kernel_size=p, stride=p, bias=cfg["patch_bias"], device=device, dtype=dtype)
         else:  # 1.5 always has the bias, whatever patch_bias says
@@ -49,11 +50,10 @@ class PatchEmbed(nn.Module):
     def patchify(self, x: torch.Tensor) -> torch.Tensor:
         # x: (B, C, T, H, W) -> tokens (B, N, D) in (t, h, w) order
         b, c, t, h, w = x.shape
-        if isinstance(self.proj, Conv2d):
+        p, pt = self.patch_size, self.patch_size_t
+        if pt is None:
             y = self.proj(x.transpose(1, 2).reshape(b * t, c, h, w))  # (B*T, D, H/p, W/p)
             return y.flatten(2).transpose(1, 2).reshape(b, -1, y.shape[1])
-        pt = self.proj.in_features // (c * 4)
-        p = 2
         # features ordered (c, pt, ph, pw) as the reference's Linear expects
         x = x.reshape(b, c, t // pt, pt, h // p, p, w // p, p).permute(0, 2, 4, 6, 1, 3, 5, 7)
         return self.proj(x.reshape(b, (t // pt) * (h // p) * (w // p), c * pt * p * p))
@@ -164,7 +164,7 @@ class CogVideoXTransformer(nn.Module):
         self.attention_backend = name
 
     # -- positions ----------------------------------------------------------------------------------------------
-    def _positions(self, t: int, h: int, w: int, device: torch.device):
+    def positions(self, t: int, h: int, w: int, device: torch.device):
         """(additive table or None, RoPE rotations or None) for a post-patch token grid (t, h, w)."""
         cfg = self.config
         table = None
@@ -181,9 +181,9 @@ class CogVideoXTransformer(nn.Module):
             else:  # the reference silently falls back to the sin-cos table for other lengths
                 log.warning("%s was trained at %d frames; other lengths use a sin-cos table instead of its learned "
                             "positions (as the reference does) and look worse.", self.name, cfg["sample_frames"])
-                table = self._sincos(t, h, w, device)
+                table = self.sincos_table(t, h, w, device)
         elif not cfg["use_rotary_positional_embeddings"]:
-            table = self._sincos(t, h, w, device)
+            table = self.sincos_table(t, h, w, device)
         return table, rope
 
     def rotary(self, t: int, h: int, w: int, device: torch.device) -> torch.Tensor | None:
@@ -196,7 +196,8 @@ class CogVideoXTransformer(nn.Module):
             base = (cfg["sample_height"] // self.patch_size, cfg["sample_width"] // self.patch_size)
         return _rope_cache(cfg["attention_head_dim"], t, h, w, base, str(device))
 
-    def _sincos(self, t: int, h: int, w: int, device) -> torch.Tensor:
+    def sincos_table(self, t: int, h: int, w: int, device) -> torch.Tensor:
+        """The additive sin-cos position table (text + t*h*w tokens, D) of a post-patch grid; text rows are 0."""
         cfg = self.config
         video = _sincos_cache(self.inner_dim, t, h, w, cfg["spatial_interpolation_scale"],
                               cfg["temporal_interpolation_scale"], str(device))
@@ -242,7 +243,7 @@ class CogVideoXTransformer(nn.Module):
         p, pt = self.patch_size, self.patch_size_t
         grid = (t // pt, h // p, w // p)
         tokens = torch.cat([self.patch_embed.text_proj(context), self.patch_embed.patchify(x)], dim=1)  # (B, S, D)
-        table, rope = self._positions(*grid, x.device)
+        table, rope = self.positions(*grid, x.device)
         if table is not None:
             tokens = tokens + table.to(dtype)[-tokens.shape[1]:]  # 2b/5b-I2V: (text +) video rows
 

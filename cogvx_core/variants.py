@@ -68,7 +68,7 @@ VAE_DEFAULTS: dict = {
 }
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)  # built with keywords: sixteen positional fields are easy to misplace
 class Variant:
     """One released model family. Small models of the same architecture map to the same variant."""
 
@@ -104,19 +104,25 @@ class Variant:
 _5B = {"num_attention_heads": 48, "num_layers": 42, "use_rotary_positional_embeddings": True}
 _15 = {**_5B, "patch_size_t": 2, "patch_bias": False, "sample_height": 300, "sample_width": 300, "sample_frames": 81}
 
+# What the models of one generation share: frame rules, default size and fps, latent scaling (1.5: all but I2V)
+_GEN_10 = dict(generation="1.0", frames=49, frame_step=8, max_frames=49, fps=8, width=720, height=480,
+               invert_scale_latents=False)
+_GEN_15 = dict(generation="1.5", frames=81, frame_step=16, max_frames=161, fps=16, width=1360, height=768,
+               invert_scale_latents=True, positions="rope", scaling_factor=0.7, snr_shift_scale=1.0, dtype="bfloat16")
+
 VARIANTS: dict[str, Variant] = {
     v.name: v
     for v in [
-        Variant("2b", "CogVideoX-2b", "1.0", False, "sincos", 49, 8, 49, 8, 720, 480, 1.15258426, False, 3.0,
-                "float16", {}),
-        Variant("5b", "CogVideoX-5b", "1.0", False, "rope", 49, 8, 49, 8, 720, 480, 0.7, False, 1.0,
-                "bfloat16", dict(_5B)),
-        Variant("5b-i2v", "CogVideoX-5b-I2V", "1.0", True, "rope+learned", 49, 8, 49, 8, 720, 480, 0.7, False, 1.0,
-                "bfloat16", {**_5B, "in_channels": 32, "use_learned_positional_embeddings": True}),
-        Variant("1.5-5b", "CogVideoX1.5-5B", "1.5", False, "rope", 81, 16, 161, 16, 1360, 768, 0.7, True, 1.0,
-                "bfloat16", dict(_15)),
-        Variant("1.5-5b-i2v", "CogVideoX1.5-5B-I2V", "1.5", True, "rope", 81, 16, 161, 16, 1360, 768, 0.7, True, 1.0,
-                "bfloat16", {**_15, "in_channels": 32, "ofs_embed_dim": 512}),
+        Variant(name="2b", title="CogVideoX-2b", i2v=False, positions="sincos", scaling_factor=1.15258426,
+                snr_shift_scale=3.0, dtype="float16", transformer={}, **_GEN_10),
+        Variant(name="5b", title="CogVideoX-5b", i2v=False, positions="rope", scaling_factor=0.7,
+                snr_shift_scale=1.0, dtype="bfloat16", transformer=dict(_5B), **_GEN_10),
+        Variant(name="5b-i2v", title="CogVideoX-5b-I2V", i2v=True, positions="rope+learned", scaling_factor=0.7,
+                snr_shift_scale=1.0, dtype="bfloat16",
+                transformer={**_5B, "in_channels": 32, "use_learned_positional_embeddings": True}, **_GEN_10),
+        Variant(name="1.5-5b", title="CogVideoX1.5-5B", i2v=False, transformer=dict(_15), **_GEN_15),
+        Variant(name="1.5-5b-i2v", title="CogVideoX1.5-5B-I2V", i2v=True,
+                transformer={**_15, "in_channels": 32, "ofs_embed_dim": 512}, **_GEN_15),
     ]
 }
 

@@ -38,11 +38,12 @@ run_denoise, decode_latents, encode_moments, is_released_size, latent_shape, pre
 DEFAULT_MAX_LENGTH, TextEncoder, fit_context, load_text_encoder = _names(
     "text", "DEFAULT_MAX_LENGTH TextEncoder fit_context load_text_encoder")
 buckets_for, parse_resolutions = _names("train.buckets", "buckets_for parse_resolutions")
+[clear_checkpoints] = _names("train.checkpoint", "clear_checkpoints")
 TrainingDataset, prepare_dataset, scan_folder = _names("train.dataset", "CogVXDataset prepare_dataset scan_folder")
 [builtin_models] = _names("models", "builtin_models")
 [estimate] = _names("train.estimate", "estimate")
 loss_chart, running_mean = _names("train.plot", "loss_chart running_mean")
-Trainer, TrainSettings, clear_checkpoints = _names("train.trainer", "Trainer TrainSettings clear_checkpoints")
+Trainer, TrainSettings = _names("train.trainer", "Trainer TrainSettings")
 [CogVideoXTransformer] = _names("transformer", "CogVideoXTransformer")
 [Tiling] = _names("vae", "Tiling")
 VARIANTS, Variant, get_variant, latent_frames, pixel_frames, snap_request, snap_video = _names(

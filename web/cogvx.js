@@ -6,6 +6,8 @@
 // onNodeCreated, onExecuted, widget callbacks), each chained onto the original; on a frontend without it, the file
 // logs one warning and does nothing. Python snaps again on every run: API prompts never pass through this file.
 
+import { chain, fitNode, resolve, textBox } from "./common.js";
+
 const SIZE_STEP = 16;
 const NOTES_WIDGET = "cogvx_notes";
 
@@ -33,15 +35,6 @@ export function snapSize(rule, width, height, zeroAllowed) {
 }
 
 // ---- widgets -----------------------------------------------------------------------------------------------------
-
-function chain(object, name, after) {
-  const original = object[name];
-  object[name] = function () {
-    const result = original?.apply(this, arguments);
-    after.apply(this, arguments);
-    return result;
-  };
-}
 
 function widget(node, name) {
   return node.widgets?.find((w) => w.name === name);
@@ -90,40 +83,13 @@ function attachSnapping(node, rules) {
 }
 
 function showNotes(node, lines, app, ComfyWidgets) {
-  let box = widget(node, NOTES_WIDGET);
   const text = lines.join("\n");
-  if (!box && !text) return;
-  if (!box) {
-    box = ComfyWidgets?.STRING
-      ? ComfyWidgets.STRING(node, NOTES_WIDGET, ["STRING", { multiline: true }], app).widget
-      : node.addWidget("text", NOTES_WIDGET, "", () => {}, {});
-    if (box.inputEl) {
-      box.inputEl.readOnly = true;
-      box.inputEl.style.opacity = 0.75;
-    }
-    box.serialize = false; // display only: never saved in the workflow nor sent in the prompt
-    box.options = box.options ?? {};
-    box.options.serialize = false;
-  }
-  box.value = text;
-  if (node.computeSize && node.setSize) {
-    const size = node.computeSize();
-    node.setSize([Math.max(node.size[0], size[0]), Math.max(node.size[1], size[1])]);
-  }
-  node.setDirtyCanvas?.(true, true);
+  if (!widget(node, NOTES_WIDGET) && !text) return; // no box until there is something to say
+  textBox(node, NOTES_WIDGET, app, ComfyWidgets).value = text;
+  fitNode(node);
 }
 
 // ---- registration ------------------------------------------------------------------------------------------------
-
-async function resolve(globalPath, modulePath, exportName) {
-  const fromGlobal = globalPath.reduce((obj, key) => obj?.[key], globalThis.window?.comfyAPI);
-  if (fromGlobal) return fromGlobal;
-  try {
-    return (await import(modulePath))[exportName] ?? null;
-  } catch {
-    return null;
-  }
-}
 
 export function register(app, ComfyWidgets) {
   app.registerExtension({

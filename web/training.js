@@ -9,6 +9,8 @@
 // Only the classic extension API is used (registerExtension, beforeRegisterNodeDef, onNodeCreated, onExecuted, a
 // custom widget with draw/computeSize), each chained onto the original; without it the file logs one warning.
 
+import { chain, fitNode, resolve } from "./common.js";
+
 const NODE_ID = "CogVXTrainLora";
 const WIDGET_NAME = "cogvx_loss_chart";
 const CHART_HEIGHT = 170;
@@ -137,25 +139,6 @@ export function drawChart(ctx, rect, chart) {
 
 // ---- the extension -----------------------------------------------------------------------------------------------
 
-async function resolve(globalPath, modulePath, exportName) {
-  const fromGlobal = globalPath.reduce((obj, key) => obj?.[key], window.comfyAPI);
-  if (fromGlobal) return fromGlobal;
-  try {
-    return (await import(modulePath))[exportName] ?? null;
-  } catch {
-    return null;
-  }
-}
-
-function chain(object, name, after) {
-  const original = object[name];
-  object[name] = function () {
-    const result = original?.apply(this, arguments);
-    after.apply(this, arguments);
-    return result;
-  };
-}
-
 function chartWidget(node) {
   let widget = node.widgets?.find((w) => w.name === WIDGET_NAME);
   if (widget) return widget;
@@ -199,10 +182,7 @@ if (!app?.registerExtension) {
       chain(nodeType.prototype, "onNodeCreated", function () {
         this.cogvxChart = emptyChart();
         chartWidget(this);
-        if (this.computeSize && this.setSize) {
-          const size = this.computeSize();
-          this.setSize([Math.max(this.size?.[0] ?? 0, size[0]), Math.max(this.size?.[1] ?? 0, size[1])]);
-        }
+        fitNode(this);
       });
       chain(nodeType.prototype, "onExecuted", function (message) {
         try {

@@ -144,6 +144,15 @@ def read_json(path: str | os.PathLike, what: str) -> dict:
         raise CheckpointError(f"{path}: not valid JSON ({e}); the file is corrupt.")
 
 
+def write_json(path: str | os.PathLike, data: dict) -> None:
+    """Writes `data` as indented JSON through a temporary file, so a reader never sees half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    tmp.replace(path)
+
+
 def folder_weight_files(folder: str | os.PathLike, what: str) -> list[Path]:
     """The safetensors files of a diffusers model folder: one file, or the shards an index names."""
     folder = Path(folder)

@@ -31,7 +31,7 @@ import torch
 
 from ..errors import CheckpointError, CogVXError
 from .io import SafetensorsHeader, iter_tensors
-from .transformer import _COMFY_BLOCK, _COMFY_TOP, detect_layout
+from .transformer import COMFY_BLOCK_NAMES, COMFY_TOP_NAMES, detect_layout
 
 log = logging.getLogger(__name__)
 
@@ -58,12 +58,12 @@ def _spellings(names: dict[str, str]) -> dict[str, str]:
 
 _BLOCK_ALIASES = _spellings({
     **{n: n for n in BLOCK_LAYERS},
-    **{comfy: diff for comfy, diff in _COMFY_BLOCK.items() if diff in BLOCK_LAYERS},  # q, k, v, attn_out, ff_proj..
+    **{comfy: diff for comfy, diff in COMFY_BLOCK_NAMES.items() if diff in BLOCK_LAYERS},  # q, k, v, attn_out, ..
     "attention.dense": "attn1.to_out.0", "mlp.dense_h_to_4h": "ff.net.0.proj", "mlp.dense_4h_to_h": "ff.net.2",  # SAT
     "attention.query_key_value": FUSED_QKV,
     "attn1.to_out": "attn1.to_out.0",  # old attention-processor LoRAs name the projection without its index
 })
-_TOP_ALIASES = _spellings({**{n: n for n in TOP_LAYERS}, **_COMFY_TOP,
+_TOP_ALIASES = _spellings({**{n: n for n in TOP_LAYERS}, **COMFY_TOP_NAMES,
                            "time_embed.0": "time_embedding.linear_1", "time_embed.2": "time_embedding.linear_2",
                            "mixins.final_layer.linear": "proj_out"})
 _PREFIXES = ("base_model.model.", "model.diffusion_model.", "diffusion_model.", "transformer.", "lora_unet_",

@@ -25,10 +25,13 @@ FP8_DTYPES = {"fp8_e4m3fn": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
 # ---------------------------------------------------------------------------------------------------------------
 # Key layouts
 # ---------------------------------------------------------------------------------------------------------------
-_COMFY_BLOCK = {"q": "attn1.to_q", "k": "attn1.to_k", "v": "attn1.to_v", "norm_q": "attn1.norm_q",
-                "norm_k": "attn1.norm_k", "attn_out": "attn1.to_out.0", "ff_proj": "ff.net.0.proj", "ff_out": "ff.net.2"}
-_COMFY_TOP = {"time_embedding_linear_1": "time_embedding.linear_1", "time_embedding_linear_2": "time_embedding.linear_2",
-              "ofs_embedding_linear_1": "ofs_embedding.linear_1", "ofs_embedding_linear_2": "ofs_embedding.linear_2"}
+# ComfyUI's names -> diffusers' names, inside a block and at the top level (the LoRA key layouts share them)
+COMFY_BLOCK_NAMES = {"q": "attn1.to_q", "k": "attn1.to_k", "v": "attn1.to_v", "norm_q": "attn1.norm_q",
+                     "norm_k": "attn1.norm_k", "attn_out": "attn1.to_out.0", "ff_proj": "ff.net.0.proj",
+                     "ff_out": "ff.net.2"}
+COMFY_TOP_NAMES = {"time_embedding_linear_1": "time_embedding.linear_1",
+                   "time_embedding_linear_2": "time_embedding.linear_2",
+                   "ofs_embedding_linear_1": "ofs_embedding.linear_1", "ofs_embedding_linear_2": "ofs_embedding.linear_2"}
 
 # SAT substring renames, applied in this order (the converter of the reference)
 _SAT_RENAMES = [
@@ -68,13 +71,13 @@ def detect_layout(keys: list[str], source: str) -> tuple[str, str]:
 
 def _convert_comfy(key: str, value: torch.Tensor) -> Iterator[tuple[str, torch.Tensor]]:
     m = re.match(r"blocks\.(\d+)\.(\w+)\.(.*)", key)
-    if m and m.group(2) in _COMFY_BLOCK:
-        yield f"transformer_blocks.{m.group(1)}.{_COMFY_BLOCK[m.group(2)]}.{m.group(3)}", value
+    if m and m.group(2) in COMFY_BLOCK_NAMES:
+        yield f"transformer_blocks.{m.group(1)}.{COMFY_BLOCK_NAMES[m.group(2)]}.{m.group(3)}", value
     elif m:
         yield f"transformer_blocks.{m.group(1)}.{m.group(2)}.{m.group(3)}", value
     else:
         head, _, tail = key.partition(".")
-        yield f"{_COMFY_TOP.get(head, head)}.{tail}" if tail else key, value
+        yield f"{COMFY_TOP_NAMES.get(head, head)}.{tail}" if tail else key, value
 
 
 def _convert_sat(key: str, value: torch.Tensor) -> Iterator[tuple[str, torch.Tensor]]:

@@ -6,15 +6,14 @@ diffusers is needed only here, and only when it is installed.
 
 from __future__ import annotations
 
-import importlib.util
 import statistics
 import sys
 import time
 
 import torch
 
-from ..errors import CogVXError
 from ..variants import get_variant, latent_frames
+from .common import require_reference
 
 HELP = "benchmark the transformer forward and VAE decode against the reference implementation"
 
@@ -119,9 +118,7 @@ def bench_transformer(args) -> dict:
 
 
 def run(args) -> int:
-    if importlib.util.find_spec("diffusers") is None:
-        raise CogVXError("The benchmark compares against diffusers, which is not installed: "
-                         "pip install diffusers (or `pip install -e .[test]`).")
+    require_reference("bench", "diffusers")
     torch.manual_seed(0)
     print(f"device {args.device}, dtype {args.dtype}, torch {torch.__version__}, threads {torch.get_num_threads()}")
     if args.only in (None, "transformer"):

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from ..errors import CogVXError
+from .common import require_reference
 
 HELP = "benchmark one LoRA training step against diffusers + peft (steps/s, peak memory, loss parity)"
 
@@ -114,7 +115,7 @@ def _prepare(args, work: Path) -> None:
     trainer = Trainer(model, dataset, settings, scaling_factor=1.0)
     inputs = {}
     for step in range(args.steps + 1):
-        _, latents, mask, context, noise, t = trainer._batch(step)
+        _, latents, mask, context, noise, t = trainer.batch(step)
         inputs.update({f"{step}.latents": latents, f"{step}.noise": noise, f"{step}.t": t, f"{step}.context": context})
     save_file({k: v.contiguous() for k, v in inputs.items()}, str(work / "inputs.safetensors"))
 
@@ -275,12 +276,7 @@ def run(args) -> int:
         result = (_worker_ours if args.worker == "ours" else _worker_reference)(args, Path(args.workdir))
         print("RESULT " + json.dumps(result))
         return 0
-    import importlib.util
-
-    missing = [m for m in ("diffusers", "peft") if importlib.util.find_spec(m) is None]
-    if missing:
-        raise CogVXError(f"bench-train compares against the reference and needs {' and '.join(missing)}: "
-                         f"pip install {' '.join(missing)}")
+    require_reference("bench-train", "diffusers", "peft")
     results: dict[str, list[dict]] = {"reference": [], "ours": []}
     with tempfile.TemporaryDirectory(prefix="cogvx-bench-train-") as tmp:
         work = Path(tmp)

@@ -23,6 +23,7 @@ import torch
 
 from ..errors import CogVXError
 from ..variants import VAE_DEFAULTS
+from .common import require_reference
 
 HELP = "benchmark VAE decode (time, peak memory) against diffusers' AutoencoderKLCogVideoX"
 
@@ -68,7 +69,7 @@ def _peak_rss_bytes(reset_worked: bool) -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def _child() -> None:
+def child_main() -> None:
     """Runs in a fresh process: set up one model, decode `repeats` times, print a JSON line with the results."""
     import gc
     args = json.loads(sys.stdin.read())
@@ -109,7 +110,7 @@ def _run_child(which: str, common: dict, tmp: Path) -> tuple[dict, torch.Tensor]
     # Tensors of 1 MiB and more get their own mmap, returned to the OS when freed, so the resident set follows the
     # live tensors (glibc's adaptive threshold would otherwise recycle freed heap memory and hide allocations).
     env.setdefault("MALLOC_MMAP_THRESHOLD_", str(1 << 20))
-    proc = subprocess.run([sys.executable, "-c", "from cogvx_core.commands.bench_vae import _child; _child()"],
+    proc = subprocess.run([sys.executable, "-c", "from cogvx_core.commands.bench_vae import child_main; child_main()"],
                           input=json.dumps(args), capture_output=True, text=True, env=env)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("BENCH ")]
     if proc.returncode or not lines:
@@ -203,6 +204,7 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
+    require_reference("bench-vae", "diffusers")
     config = json.loads(Path(args.config).read_text()) if args.config else dict(VAE_DEFAULTS)
     try:
         shape = [int(v) for v in args.latent_shape.split(",")]

@@ -43,8 +43,8 @@ def add_arguments(p) -> None:
 def run(args) -> int:
     from ..models import TINY_MODEL, builtin_models
     from ..pipeline import load_pipeline
-    from ..quality import adherence, benchmark_prompts, format_table, heldout_clips, model_size, vae_quality
-    from .generate import _Bar, _parse_lora
+    from ..recipes.quality import adherence, benchmark_prompts, format_table, heldout_clips, model_size, vae_quality
+    from .common import ProgressBar, parse_lora
 
     samplers = [s.strip() for s in args.samplers.split(",") if s.strip()]
     bad = [s for s in samplers if s not in ("ddim", "dpm")]
@@ -62,7 +62,7 @@ def run(args) -> int:
     if args.lora:
         from ..lora import apply_loras, load_lora
 
-        apply_loras(pipe.transformer, [(load_lora(p), s) for p, s in map(_parse_lora, args.lora)])
+        apply_loras(pipe.transformer, [(load_lora(p), s) for p, s in map(parse_lora, args.lora)])
     size = model_size(pipe)
     prompts = benchmark_prompts(args.prompts, args.split, args.seed)
     report: dict = {"model": args.model, "split": args.split, "prompts": len(prompts), "guidance": args.guidance,
@@ -74,7 +74,7 @@ def run(args) -> int:
     for sampler in samplers:
         for n in steps:
             r = adherence(pipe, prompts, sampler=sampler, steps=n, guidance=args.guidance, seed=args.seed,
-                          batch_size=args.batch_size, size=size, progress=_Bar(f"{sampler} {n} steps"))
+                          batch_size=args.batch_size, size=size, progress=ProgressBar(f"{sampler} {n} steps"))
             report["adherence"].append(r.to_dict(with_verdicts=True))
             print(format_table([r]).splitlines()[-1], flush=True)
     if args.vae_clips > 0:

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 from ..errors import CogVXError
+from .common import ProgressBar, parse_lora
 
 HELP = "generate a video from a prompt (and a start image or an input video)"
 
@@ -42,32 +42,6 @@ def add_arguments(p) -> None:
     p.add_argument("--out", required=True, help=".mp4/.webm/.gif writes a video; any other path a folder of PNGs")
 
 
-class _Bar:
-    """A one-line progress bar on stderr with the step time."""
-
-    def __init__(self, label: str):
-        self.label, self.start = label, time.perf_counter()
-
-    def __call__(self, done: int, total: int) -> None:
-        width = 30
-        filled = int(width * done / max(total, 1))
-        rate = (time.perf_counter() - self.start) / max(done, 1)
-        sys.stderr.write(f"\r{self.label} [{'#' * filled}{'.' * (width - filled)}] {done}/{total} {rate:.2f}s/it")
-        if done >= total:
-            sys.stderr.write("\n")
-        sys.stderr.flush()
-
-
-def _parse_lora(spec: str) -> tuple[str, float]:
-    path, sep, strength = spec.rpartition(":")
-    if sep and path and not path.endswith(("\\", "/")):
-        try:
-            return path, float(strength)
-        except ValueError:
-            pass
-    return spec, 1.0
-
-
 def run(args) -> int:
     from ..pipeline import load_pipeline
     from ..variants import snap_request, snap_video
@@ -92,7 +66,7 @@ def run(args) -> int:
     if args.lora:
         from ..lora import apply_loras, load_lora
 
-        apply_loras(pipe.transformer, [(load_lora(p), s) for p, s in map(_parse_lora, args.lora)])
+        apply_loras(pipe.transformer, [(load_lora(p), s) for p, s in map(parse_lora, args.lora)])
 
     height, width = args.height, args.width  # unset: the model's own defaults (the pipeline fills them in)
     if args.end_image and not args.image:
@@ -118,7 +92,7 @@ def run(args) -> int:
                            strength=args.strength,
                            frames=args.frames, height=height, width=width, steps=args.steps,
                            guidance=args.guidance, dynamic_cfg=args.dynamic_cfg, sampler=args.sampler,
-                           seed=args.seed, progress=_Bar("sampling"))
+                           seed=args.seed, progress=ProgressBar("sampling"))
     for note in notes:  # the pipeline's own notes were logged as they arose: printed once, not again here
         print(f"note: {note}", file=sys.stderr)
     out = write_frames(result.frames[0], args.out, fps=args.fps or variant.fps)

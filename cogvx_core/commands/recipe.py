@@ -8,10 +8,8 @@
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 
-from ..synthetic import SPARE_COLOUR_NAMES, UNSEEN_SHAPE_COLOURS
+from ..recipes.synthetic import SPARE_COLOUR_NAMES, UNSEEN_SHAPE_COLOURS
 
 DEFAULT_TINY_OUT = "out/cogvx-tiny"
 

@@ -6,7 +6,7 @@ import argparse
 import sys
 import time
 
-from ..synthetic import SPLITS, combos_for, make_dataset
+from ..recipes.synthetic import SPLITS, combos_for, make_dataset
 
 HELP = "write a synthetic dataset of captioned clips (a coloured shape moving over a plain background)"
 

@@ -16,6 +16,7 @@ import time
 import torch
 
 from ..errors import CogVXError
+from .common import bar
 
 HELP = "train a LoRA on a folder of videos/images with captions"
 
@@ -90,11 +91,9 @@ class TrainBar:
         done = r.step - self.start_step
         per_step = (time.perf_counter() - self.started) / max(done, 1)
         eta = per_step * (self.total - r.step)
-        width = 24
-        filled = int(width * r.step / max(self.total, 1))
         loss = "skipped (not finite)" if r.skipped else f"{r.loss:.4f}"
         extra = f" val {self.val:.4f}" if self.val is not None else ""
-        self.stream.write(f"\rtrain [{'#' * filled}{'.' * (width - filled)}] {r.step}/{self.total} loss {loss} "
+        self.stream.write(f"\rtrain {bar(r.step, self.total, 24)} {r.step}/{self.total} loss {loss} "
                           f"(avg {self.mean if self.mean is not None else float('nan'):.4f}){extra} "
                           f"{r.seconds:.2f}s/step ETA {int(eta) // 60}m{int(eta) % 60:02d}s ")
         if r.step >= self.total or r.validation or r.rolled_back:
@@ -113,7 +112,8 @@ def run(args) -> int:
     from ..train.buckets import buckets_for, parse_resolutions
     from ..train.dataset import prepare_dataset
     from ..train.estimate import estimate
-    from ..train.trainer import Trainer, TrainSettings, latest_checkpoint
+    from ..train.checkpoint import latest_checkpoint
+    from ..train.trainer import Trainer, TrainSettings
 
     folder = read_model_folder(args.model)
     if folder.transformer is None or folder.vae is None or folder.text_encoder is None:

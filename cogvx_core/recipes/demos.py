@@ -30,10 +30,11 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+from ..checkpoints.io import write_json
 from ..errors import CogVXError
-from ..synthetic import (SPARE_COLOUR_NAMES, UNSEEN_SHAPE_COLOURS, Combo, all_combos, caption, centred, combos_for,
+from .synthetic import (SPARE_COLOUR_NAMES, UNSEEN_SHAPE_COLOURS, Combo, all_combos, caption, centred, combos_for,
                          random_clip, render)
-from .tiny import SCHEDULER_CONFIG, TinyRecipe, _say, _write_json, init_transformer
+from .tiny import SCHEDULER_CONFIG, TinyRecipe, init_transformer, say
 
 LORA_COLOUR = SPARE_COLOUR_NAMES[0]  # "purple", the default colour the LoRA teaches (see the module docstring)
 
@@ -140,13 +141,13 @@ def _lora_figure(prompts: list[str], before: list[torch.Tensor], after: list[tor
 
 
 def lora_demo(model=None, out="out/lora-demo", *, colour: str = LORA_COLOUR, smoke: bool = False,
-              say=_say) -> dict:
+              say=say) -> dict:
     from ..lora import apply_loras, load_lora, remove_loras
     from ..pipeline import load_pipeline
-    from ..quality import adherence, benchmark_prompts, model_size
     from ..schedule import NoiseSchedule
     from ..train.trainer import Trainer, TrainSettings
     from ..transformer import CogVideoXTransformer  # noqa: F401  (type of pipe.transformer)
+    from .quality import adherence, benchmark_prompts, model_size
 
     model, out = _model_folder(model), Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -223,7 +224,7 @@ def lora_demo(model=None, out="out/lora-demo", *, colour: str = LORA_COLOUR, smo
               "steps": steps, "rank": 16, "sampler": "ddim", "eval_steps": eval_steps,
               "before": before, "after": after, "train_seconds": train_seconds,
               "seconds": round(time.perf_counter() - start, 1), "figure": str(out / "lora_demo.png")}
-    _write_json(out / "lora_demo.json", result)
+    write_json(out / "lora_demo.json", result)
     return result
 
 
@@ -293,10 +294,10 @@ def _eus_figure(curves: dict[str, list[float]], path: Path, numbers: str, window
     img.save(path)
 
 
-def eus_ablation(model=None, out="out/eus", *, smoke: bool = False, say=_say) -> dict:
+def eus_ablation(model=None, out="out/eus", *, smoke: bool = False, say=say) -> dict:
     from ..schedule import NoiseSchedule
-    from ..synthetic import make_dataset
     from ..train.trainer import Trainer, TrainSettings
+    from .synthetic import make_dataset
 
     model, out = _model_folder(model), Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -346,5 +347,5 @@ def eus_ablation(model=None, out="out/eus", *, smoke: bool = False, say=_say) ->
               "window": window, "skip": skip, "summary": summary, "variance_ratio": ratio,
               "runs": {k: {kk: vv for kk, vv in v.items() if kk != "losses"} for k, v in runs.items()},
               "seconds": round(time.perf_counter() - start, 1), "figure": str(out / "eus_ablation.png")}
-    _write_json(out / "eus_ablation.json", {**result, "losses": {k: v["losses"] for k, v in runs.items()}})
+    write_json(out / "eus_ablation.json", {**result, "losses": {k: v["losses"] for k, v in runs.items()}})
     return result

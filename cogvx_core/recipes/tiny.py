@@ -1,5 +1,5 @@
 """The recipe of the built-in model `cogvx-tiny`: a small CogVideoX of the released architecture, trained by this
-project's own code on synthetic clips (cogvx_core/synthetic.py), in one seeded command:
+project's own code on synthetic clips (cogvx_core/recipes/synthetic.py), in one seeded command:
 
     python -m cogvx_core recipe tiny [--out DIR | --replace-builtin] [--work DIR]
 
@@ -42,8 +42,9 @@ from typing import Callable
 import numpy as np
 import torch
 
+from ..checkpoints.io import write_json
 from ..errors import CogVXError
-from ..synthetic import (COLOUR_NAMES, SIZES, SPARE_COLOUR_NAMES, UNSEEN_SHAPE_COLOURS, Clip, all_combos, caption,
+from .synthetic import (COLOUR_NAMES, SIZES, SPARE_COLOUR_NAMES, UNSEEN_SHAPE_COLOURS, Clip, all_combos, caption,
                          centred, dataset_clips, random_clip, render, render_uint8)
 
 log = logging.getLogger(__name__)
@@ -195,11 +196,11 @@ class StageClock:
             result = fn(*args, **kwargs)
         except BaseException:  # interrupted: a later run continues from the stage's checkpoints, and its time adds
             if name not in self.done:
-                _write_json(partial_file, spent())
+                write_json(partial_file, spent())
             raise
         if name not in self.done:
             self.done[name] = {"settings": settings, "times": spent()}
-            _write_json(self.file, self.done)
+            write_json(self.file, self.done)
             partial_file.unlink(missing_ok=True)
         t = self.done[name]["times"]
         self.say(f"[{name}] done: {t['wall_s']}s (cpu {t['cpu_s']}s)")
@@ -210,15 +211,9 @@ class StageClock:
                 "cpu_s": round(sum(t["cpu_s"] for t in self.times.values()), 1), "threads": torch.get_num_threads()}
 
 
-def _say(message: str) -> None:
+def say(message: str) -> None:
+    """The recipes' default progress report: one line on stderr."""
     print(message, file=sys.stderr, flush=True)
-
-
-def _write_json(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    tmp.replace(path)
 
 
 def all_captions() -> list[str]:
@@ -283,7 +278,7 @@ def train_tokenizer(folder: Path, captions: list[str]) -> None:
         sentence_iterator=iter(captions), model_writer=model, model_type="word", vocab_size=len(words) + 3,
         pad_id=0, eos_id=1, unk_id=2, bos_id=-1, character_coverage=1.0, num_threads=1, minloglevel=2)
     (folder / "spiece.model").write_bytes(model.getvalue())
-    _write_json(folder / "tokenizer_config.json", {"tokenizer_class": "T5Tokenizer", "extra_ids": 0,
+    write_json(folder / "tokenizer_config.json", {"tokenizer_class": "T5Tokenizer", "extra_ids": 0,
                                                    "eos_token": "</s>", "unk_token": "<unk>", "pad_token": "<pad>",
                                                    "model_max_length": 226})
     # transformers converts the sentencepiece model; its tokenizer.json is then read without sentencepiece.
@@ -334,7 +329,7 @@ def make_text(r: TinyRecipe, work: Path) -> Path:
     spread = caption_spread(encoder, [caption(c) for c in all_combos()])
     if spread["min_nearest"] <= 0:
         raise CogVXError("Two distinct captions give the same T5 context; the tokenizer or the encoder is broken.")
-    _write_json(folder / "spread.json", spread)
+    write_json(folder / "spread.json", spread)
     return folder
 
 
@@ -358,7 +353,7 @@ def save_vae(vae, folder: Path, config: dict, dtype: torch.dtype) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     save_file({k: v.detach().to("cpu", dtype).contiguous() for k, v in vae.state_dict().items()},
               str(folder / "diffusion_pytorch_model.safetensors"), metadata={"format": "pt"})
-    _write_json(folder / "config.json", config)
+    write_json(folder / "config.json", config)
 
 
 def unseen_colour_clips(n: int, r: TinyRecipe) -> torch.Tensor:
@@ -370,7 +365,7 @@ def unseen_colour_clips(n: int, r: TinyRecipe) -> torch.Tensor:
     return render_uint8(clips)
 
 
-def make_vae(r: TinyRecipe, work: Path, say=_say) -> Path:
+def make_vae(r: TinyRecipe, work: Path, say=say) -> Path:
     from ..train.vae import VAETrainer, VAETrainSettings, reconstruction_psnr
     from ..vae import build_vae
 
@@ -401,7 +396,7 @@ def make_vae(r: TinyRecipe, work: Path, say=_say) -> Path:
     psnr = reconstruction_psnr(vae, heldout)
     config["scaling_factor"] = round(1.0 / latent_std(vae, clips[:64]), 6)
     save_vae(vae, folder, config, torch.float32)
-    _write_json(work / "vae_report.json", {"heldout_psnr_mean": sum(psnr) / len(psnr), "heldout_psnr": psnr,
+    write_json(work / "vae_report.json", {"heldout_psnr_mean": sum(psnr) / len(psnr), "heldout_psnr": psnr,
                                            "history_tail": trainer.history[-5:], "steps": trainer.step})
     return folder
 
@@ -432,7 +427,7 @@ def init_transformer(config: dict, seed: int):
             # model can tell "a white square on a blue background" from "a blue square on a white background".
             p, length = config["patch_size"], config["max_text_seq_length"]
             grid = (latent_frames(config["sample_frames"]), config["sample_height"] // p, config["sample_width"] // p)
-            table = model._sincos(*grid, torch.device("cpu"))  # (text + video tokens, D), text rows 0
+            table = model.sincos_table(*grid, torch.device("cpu"))  # (text + video tokens, D), text rows 0
             table[:length] = sincos_1d_table(table.shape[1], length).to(table.dtype)
             model.patch_embed.pos_embedding.copy_(table[None])
     return model
@@ -471,7 +466,7 @@ def prepare_training_data(r: TinyRecipe, data: Path, cache: Path, vae_folder: Pa
 
 
 def make_transformer(r: TinyRecipe, work: Path, folders: dict, vae_folder: Path, text_folder: Path,
-                     say=_say) -> Path:
+                     say=say) -> Path:
     from ..schedule import NoiseSchedule
     from ..train.trainer import Trainer, TrainSettings
 
@@ -503,7 +498,7 @@ def make_transformer(r: TinyRecipe, work: Path, folders: dict, vae_folder: Path,
     trainer.run(on_step=report)
     trainer.deactivate()
     save_transformer(model, folder, config, torch.float32)
-    _write_json(work / "transformer_report.json", {"steps": trainer.step, "clips": len(dataset),
+    write_json(work / "transformer_report.json", {"steps": trainer.step, "clips": len(dataset),
                                                    "losses": trainer.losses})
     return folder
 
@@ -515,7 +510,7 @@ def save_transformer(model, folder: Path, config: dict, dtype: torch.dtype) -> N
     state = {k: v.detach().to("cpu", dtype).contiguous() for k, v in model.state_dict().items()
              if ".lora_adapters." not in k}
     save_file(state, str(folder / "diffusion_pytorch_model.safetensors"), metadata={"format": "pt"})
-    _write_json(folder / "config.json", {"_class_name": "CogVideoXTransformer3DModel",
+    write_json(folder / "config.json", {"_class_name": "CogVideoXTransformer3DModel",
                                          "_diffusers_version": DIFFUSERS_VERSION, **config})
 
 
@@ -531,10 +526,10 @@ def package(out: Path, work: Path, r: TinyRecipe, times: dict) -> Path:
     shutil.copytree(work / "vae", tmp / "vae")
     shutil.copytree(work / "text" / "text_encoder", tmp / "text_encoder")
     shutil.copytree(work / "text" / "tokenizer", tmp / "tokenizer")
-    _write_json(tmp / "scheduler" / "scheduler_config.json", SCHEDULER_CONFIG)
-    _write_json(tmp / "model_index.json", MODEL_INDEX)
+    write_json(tmp / "scheduler" / "scheduler_config.json", SCHEDULER_CONFIG)
+    write_json(tmp / "model_index.json", MODEL_INDEX)
     vae_report = json.loads((work / "vae_report.json").read_text())
-    _write_json(tmp / "cogvx_recipe.json", {
+    write_json(tmp / "cogvx_recipe.json", {
         "recipe": "python -m cogvx_core recipe tiny", "settings": dataclasses.asdict(r), "times": times,
         "vae_heldout_psnr": round(vae_report["heldout_psnr_mean"], 2),
         "caption_spread": json.loads((work / "text" / "spread.json").read_text()),
@@ -549,7 +544,7 @@ def folder_size(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
 
 
-def build(out: str | Path, work: str | Path, recipe: TinyRecipe | None = None, say=_say,
+def build(out: str | Path, work: str | Path, recipe: TinyRecipe | None = None, say=say,
           until: str = "transformer", replace_builtin: bool = False) -> dict:
     """Runs every stage (up to `until`), then packages; returns {"model", "times", "size_bytes"}. A work folder of
     an earlier run continues where that run stopped (stages whose settings changed are redone). `out` may be the

@@ -99,7 +99,7 @@ def block_bytes_per_token(trainer, text_len: int = 16, grid: tuple[int, int, int
     n = (grid[0] // pt or 1) * grid[1] * grid[2]
     x = torch.randn(1, text_len + n, t.inner_dim, device=dev, dtype=dtype, requires_grad=True)
     temb = torch.randn(1, t.config["time_embed_dim"], device=dev, dtype=dtype)
-    with torch.enable_grad(), trainer._autocast():
+    with torch.enable_grad(), trainer.autocast():
         saved = saved_activation_bytes(lambda: block(x, temb, text_len, rope), _param_ptrs(block))
     return saved / (text_len + n)
 

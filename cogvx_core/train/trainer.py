@@ -15,10 +15,9 @@ One step, on each data-parallel rank:
                 not finite, and after `nan_patience` such steps in a row the trainable weights and optimizer state
                 roll back to the last good snapshot and the learning rate is halved
 
-Exact resume: a checkpoint holds the trainable weights, the optimizer state, the step (which fixes the data order,
-timesteps and noise), the learning-rate scale, the torch RNG state and the loss history; checkpoints are written to
-a temporary folder and renamed, so a run killed at any moment resumes from the latest complete one and ends with
-bitwise the same weights as a run never interrupted.
+Exact resume: save_checkpoint / resume write and read the whole training state as atomic folders (checkpoint.py);
+a run killed at any moment resumes from the latest complete one and ends with bitwise the same weights as a run
+never interrupted.
 """
 
 from __future__ import annotations
@@ -28,7 +27,6 @@ import json
 import logging
 import math
 import os
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,7 +34,6 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ..checkpoints.lora import Lora, lora_from_state_dict
@@ -47,6 +44,7 @@ from ..transformer import CogVideoXTransformer
 from . import ddp
 from .buckets import BatchPlan, attention_key_mask, pack
 from .cache import module_fingerprint
+from .checkpoint import latest_checkpoint, restore_training_state, training_state, write_checkpoint
 from .dataset import CogVXDataset
 from .objective import v_prediction_loss
 from .rng import generator
@@ -54,7 +52,6 @@ from .timesteps import MODES, TimestepSampler
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT_FORMAT = 1
 LR_SCHEDULES = ("constant", "cosine")
 PRECISIONS = ("bf16", "no")
 
@@ -284,7 +281,9 @@ class Trainer:
             x = torch.cat([x[:, :1].repeat(1, pt - x.shape[1] % pt, 1, 1), x], dim=1)
         return x
 
-    def _batch(self, step: int):
+    def batch(self, step: int):
+        """This rank's inputs of a step: (items, latents (B, C, T, H, W), frame mask, context, noise, timesteps);
+        a pure function of (seed, step, rank)."""
         s, rank = self.settings, self.dist.rank
         items = self.plan.batch(step, rank)
         g = generator(s.seed, "latents", step, rank) if s.latent_sampling == "sample" else None
@@ -301,7 +300,8 @@ class Trainer:
         tokens_per_frame = (latents.shape[3] // p) * (latents.shape[4] // p)
         return attention_key_mask(frame_mask, text_len, tokens_per_frame, self.transformer.patch_size_t).to(self.device)
 
-    def _autocast(self):
+    def autocast(self):
+        """The settings' mixed precision around a forward pass."""
         enabled = self.settings.mixed_precision == "bf16"
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=enabled)
 
@@ -312,7 +312,7 @@ class Trainer:
         x0 = latents.to(dev, dtype)
         noisy = self.schedule.add_noise(x0, noise.to(dev, dtype), timesteps.to(dev))
         self._attention.mask = self._key_mask(frame_mask, latents, context.shape[1])
-        with self._autocast():
+        with self.autocast():
             out = model(noisy, timesteps.to(dev), context.to(dev, dtype))
         return v_prediction_loss(out, noisy, x0, timesteps.to(dev), self.alphas_cumprod, frame_mask)
 
@@ -322,7 +322,7 @@ class Trainer:
             self.activate()
         start = time.perf_counter()
         step, s = self.step, self.settings
-        _, latents, frame_mask, context, noise, timesteps = self._batch(step)
+        _, latents, frame_mask, context, noise, timesteps = self.batch(step)
         lr = self.lr_at(step)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
@@ -433,39 +433,17 @@ class Trainer:
                 p.copy_(saved)
         self.optimizer.load_state_dict(_clone_state(snap["optimizer"]))
 
-    # -- checkpoints --------------------------------------------------------------------------------------------
-    def _state_json(self) -> dict:
-        opt = self.optimizer.state_dict()
-        return {"format": CHECKPOINT_FORMAT, "step": self.step, "settings": self.settings.trajectory(),
-                "steps": self.settings.steps, "world_size": self.dist.world_size, "dataset": self.dataset.fingerprint,
-                "base_model": self.base_fingerprint, "variant": self.transformer.variant.name,
-                "param_names": self.param_names, "lr_scale": self.lr_scale, "bad_streak": self.bad_streak,
-                "optimizer_groups": opt["param_groups"],
-                "optimizer_scalars": {str(i): {k: v for k, v in st.items() if not torch.is_tensor(v)}
-                                      for i, st in opt["state"].items()},
-                "history": self.history, "validations": self.validations}
-
+    # -- checkpoints (checkpoint.py) ----------------------------------------------------------------------------
     def save_checkpoint(self) -> Path | None:
         """Writes the full training state to <checkpoint_dir>/step-NNNNNNNN (atomically); the main rank writes."""
         if self.checkpoint_dir is None:
             raise CogVXError("No checkpoint folder was given; pass checkpoint_dir (--checkpoint-dir).")
         path = None
         if self.dist.is_main:
-            path = write_checkpoint(self.checkpoint_dir, self.step, self._checkpoint_tensors(), self._state_json(),
-                                    keep=self.settings.keep_checkpoints)
+            state, tensors = training_state(self)
+            path = write_checkpoint(self.checkpoint_dir, self.step, tensors, state, keep=self.settings.keep_checkpoints)
         ddp.barrier(self.dist)
         return path
-
-    def _checkpoint_tensors(self) -> dict[str, torch.Tensor]:
-        tensors = {f"param.{n}": p.detach() for n, p in zip(self.param_names, self.params)}
-        for i, st in self.optimizer.state_dict()["state"].items():
-            for k, v in st.items():
-                if torch.is_tensor(v):
-                    tensors[f"optim.{i}.{k}"] = v
-        tensors["rng.torch"] = torch.get_rng_state()
-        if self.device.type == "cuda":
-            tensors["rng.cuda"] = torch.cuda.get_rng_state(self.device)
-        return tensors
 
     def resume(self, path: str | os.PathLike | None = None) -> int | None:
         """Loads a checkpoint (default: the latest complete one in checkpoint_dir); returns its step, or None when
@@ -476,57 +454,9 @@ class Trainer:
             path = latest_checkpoint(self.checkpoint_dir)
             if path is None:
                 return None
-        path = Path(path)
-        state, tensors = read_checkpoint(path)
-        self._check_compatible(state, path)
-        with torch.no_grad():
-            for n, p in zip(self.param_names, self.params):
-                p.copy_(tensors[f"param.{n}"])
-        opt_state: dict = {}
-        for key, v in tensors.items():
-            if key.startswith("optim."):
-                _, i, name = key.split(".", 2)
-                opt_state.setdefault(int(i), {})[name] = v
-        for i, scalars in state.get("optimizer_scalars", {}).items():
-            opt_state.setdefault(int(i), {}).update(scalars)
-        self.optimizer.load_state_dict({"state": opt_state, "param_groups": state["optimizer_groups"]})
-        torch.set_rng_state(tensors["rng.torch"])
-        if "rng.cuda" in tensors and self.device.type == "cuda":
-            torch.cuda.set_rng_state(tensors["rng.cuda"], self.device)
-        self.step = int(state["step"])
-        self.history, self.validations = list(state["history"]), list(state["validations"])
-        self.lr_scale, self.bad_streak = float(state["lr_scale"]), int(state["bad_streak"])
+        restore_training_state(self, Path(path))
         self._snapshot = self._take_snapshot()
         return self.step
-
-    def _check_compatible(self, state: dict, path: Path) -> None:
-        if state.get("format") != CHECKPOINT_FORMAT:
-            raise CogVXError(f"{path}: checkpoint format {state.get('format')} is not this version's "
-                             f"({CHECKPOINT_FORMAT}); start a new run (another --checkpoint-dir).")
-        mine = self.settings.trajectory()
-        theirs = state["settings"]
-        changed = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
-        if changed:
-            diffs = ", ".join(f"{k}: {theirs.get(k)!r} -> {mine.get(k)!r}" for k in changed)
-            raise CogVXError(f"{path}: this checkpoint was made with other settings ({diffs}); resume with the same "
-                             "settings, or start a new run in another --checkpoint-dir.")
-        if self.settings.lr_schedule != "constant" and state.get("steps") != self.settings.steps:
-            raise CogVXError(f"{path}: the {self.settings.lr_schedule} schedule depends on the total steps; resume "
-                             f"with --steps {state.get('steps')} (or start a new run).")
-        if state["world_size"] != self.dist.world_size:
-            raise CogVXError(f"{path}: this run used {state['world_size']} processes and this one {self.dist.world_size}; "
-                             "data order and timesteps depend on it. Resume with the same number of processes.")
-        if state["dataset"] != self.dataset.fingerprint:
-            raise CogVXError(f"{path}: the training data changed since this checkpoint (a clip, caption or "
-                             "preparation setting); resume with the same data, or start a new run.")
-        if state["base_model"] != self.base_fingerprint:
-            raise CogVXError(f"{path}: this checkpoint trains another base model; load the model it was made "
-                             "with, or start a new run.")
-        if state["param_names"] != self.param_names:
-            raise CogVXError(f"{path}: the trainable layers differ from this run's; start a new run.")
-        if int(state["step"]) > self.settings.steps:
-            raise CogVXError(f"{path}: the checkpoint is at step {state['step']}, past --steps {self.settings.steps}; "
-                             "raise --steps to continue training.")
 
     # -- outputs ------------------------------------------------------------------------------------------------
     def metadata(self) -> dict:
@@ -564,12 +494,6 @@ class Trainer:
         return out
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Checkpoint files
-# ---------------------------------------------------------------------------------------------------------------
-STEP_PREFIX = "step-"
-
-
 def _clone_state(sd: dict) -> dict:
     """A deep copy of an optimizer state dict with its tensors on the CPU (load_state_dict moves them back)."""
     def clone(v):
@@ -582,75 +506,6 @@ def _clone_state(sd: dict) -> dict:
         return v
 
     return clone(sd)
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_checkpoint(root: Path, step: int, tensors: dict[str, torch.Tensor], state: dict, keep: int = 2) -> Path:
-    """<root>/step-NNNNNNNN with trainable.safetensors and state.json, made in a temporary folder and renamed (a
-    complete checkpoint or none); older ones beyond `keep` are removed afterwards."""
-    root.mkdir(parents=True, exist_ok=True)
-    final = root / f"{STEP_PREFIX}{step:08d}"
-    tmp = root / f".{final.name}.tmp-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, str(tmp / "trainable.safetensors"),
-              metadata={"format": "pt"})
-    (tmp / "state.json").write_text(json.dumps(state))
-    for f in tmp.iterdir():
-        _fsync(f)
-    if final.exists():  # the same step saved again (a resumed run): the older copy goes
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    _fsync(root)
-    for old in list_checkpoints(root)[:-keep]:
-        if old != final:
-            shutil.rmtree(old, ignore_errors=True)
-    return final
-
-
-def clear_checkpoints(root: str | os.PathLike) -> int:
-    """Deletes every checkpoint (and killed write) in `root`, for a run that starts over there; returns how many."""
-    root = Path(root)
-    found = list_checkpoints(root) + [p for p in root.glob(f".{STEP_PREFIX}*.tmp-*")] if root.is_dir() else []
-    for p in found:
-        shutil.rmtree(p, ignore_errors=True)
-    return len(found)
-
-
-def list_checkpoints(root: str | os.PathLike) -> list[Path]:
-    """Complete checkpoints in `root`, oldest first (temporary folders of killed writes are not listed)."""
-    root = Path(root)
-    if not root.is_dir():
-        return []
-    found = []
-    for p in root.iterdir():
-        if p.name.startswith(STEP_PREFIX) and p.name[len(STEP_PREFIX):].isdigit() and (p / "state.json").is_file() \
-                and (p / "trainable.safetensors").is_file():
-            found.append(p)
-    return sorted(found, key=lambda p: int(p.name[len(STEP_PREFIX):]))
-
-
-def latest_checkpoint(root: str | os.PathLike) -> Path | None:
-    found = list_checkpoints(root)
-    return found[-1] if found else None
-
-
-def read_checkpoint(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
-    try:
-        state = json.loads((path / "state.json").read_text())
-        with safe_open(str(path / "trainable.safetensors"), framework="pt", device="cpu") as f:
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except (OSError, ValueError, RuntimeError) as e:
-        raise CogVXError(f"{path}: this checkpoint cannot be read ({e}); delete it to resume from the one before.")
-    return state, tensors
 
 
 def _save_full(path, transformer, metadata: dict, dtype) -> Path:

@@ -23,7 +23,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -31,11 +30,11 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..errors import CogVXError
 from ..vae import CausalVAE
+from .checkpoint import latest_checkpoint, read_checkpoint, write_checkpoint
 from .rng import generator
 
 CHECKPOINT_PREFIX = "vae-step-"
@@ -235,44 +234,24 @@ class VAETrainer:
     def save_checkpoint(self) -> Path:
         if self.checkpoint_dir is None:
             raise CogVXError("No checkpoint folder was given to the VAE trainer; pass checkpoint_dir.")
-        root = self.checkpoint_dir
-        root.mkdir(parents=True, exist_ok=True)
-        final = root / f"{CHECKPOINT_PREFIX}{self.step:08d}"
-        tmp = root / f".{final.name}.tmp-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
         tensors = {f"vae.{k}": v for k, v in self.vae.state_dict().items()}
         tensors.update(_optimizer_tensors("optim", self.optimizer))
         if self.discriminator is not None:
             tensors.update({f"disc.{k}": v for k, v in self.discriminator.state_dict().items()})
             tensors.update(_optimizer_tensors("disc_optim", self.disc_optimizer))
-        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp / "state.safetensors"))
         state = {"step": self.step, "settings": asdict(self.settings), "history": self.history,
                  "optimizer_groups": self.optimizer.state_dict()["param_groups"],
                  "disc_groups": self.disc_optimizer.state_dict()["param_groups"] if self.disc_optimizer else None,
                  "steps_taken": {k: _step_counts(o) for k, o in (("optim", self.optimizer),
                                                                  ("disc_optim", self.disc_optimizer)) if o}}
-        (tmp / "state.json").write_text(json.dumps(state))
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        for old in sorted(root.glob(f"{CHECKPOINT_PREFIX}*"))[:-2]:
-            shutil.rmtree(old, ignore_errors=True)
-        return final
+        return write_checkpoint(self.checkpoint_dir, self.step, tensors, state, keep=2, prefix=CHECKPOINT_PREFIX)
 
     def resume(self) -> int | None:
         """Continues from the latest complete checkpoint in checkpoint_dir; returns its step, or None."""
-        if self.checkpoint_dir is None or not self.checkpoint_dir.is_dir():
+        path = latest_checkpoint(self.checkpoint_dir, CHECKPOINT_PREFIX) if self.checkpoint_dir else None
+        if path is None:
             return None
-        found = sorted(p for p in self.checkpoint_dir.glob(f"{CHECKPOINT_PREFIX}*") if (p / "state.json").is_file())
-        if not found:
-            return None
-        path = found[-1]
-        try:
-            state = json.loads((path / "state.json").read_text())
-            tensors = load_file(str(path / "state.safetensors"))
-        except (OSError, ValueError, RuntimeError) as e:
-            raise CogVXError(f"{path}: this VAE checkpoint cannot be read ({e}); delete it to resume from the one "
-                             "before, or start over in an empty folder.")
+        state, tensors = read_checkpoint(path)
         mine = asdict(self.settings)
         changed = [k for k in mine if k not in ("steps", "save_every") and
                    json.loads(json.dumps(mine[k])) != state["settings"].get(k)]

@@ -50,7 +50,7 @@ def test_help_text_shows_the_defaults():
 
 @pytest.mark.skipif(not builtin_models(), reason=f"the built-in model is not in this checkout ({TINY_MODEL})")
 def test_eval_prints_each_row_as_its_setting_finishes(monkeypatch, capsys):
-    import cogvx_core.quality as quality
+    import cogvx_core.recipes.quality as quality
 
     real, printed_before = quality.adherence, []
 

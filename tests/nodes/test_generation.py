@@ -4,7 +4,6 @@ random models: the same seed, prompt and settings must give the same frames (PSN
 from __future__ import annotations
 
 import numpy as np
-import pytest
 import torch
 from PIL import Image
 

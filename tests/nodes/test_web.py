@@ -175,3 +175,40 @@ def test_every_node_has_a_help_page():
         for section in ("required", "optional"):
             for input_name in N[name].INPUT_TYPES().get(section, {}):
                 assert f"`{input_name}`" in text, (name, input_name)
+
+
+LOAD_ALL = r"""
+const logs = [];
+console.warn = (...a) => logs.push(a.map(String).join(" "));
+const extensions = [];
+globalThis.window = { comfyAPI: {
+  app: { app: { registerExtension: (e) => extensions.push(e.name) } },
+  api: { api: { addEventListener: () => {} } },
+  widgets: { ComfyWidgets: {} },
+} };
+const registered = [];
+for (const file of process.argv.slice(2)) {  // as ComfyUI does: every .js of WEB_DIRECTORY, each its own module
+  const before = extensions.length;
+  await import(file);
+  registered.push([file.split("/").pop(), extensions.slice(before)]);
+}
+console.log(JSON.stringify({ registered, logs }));
+"""
+
+
+def test_every_web_file_loads_on_its_own_as_comfyui_loads_it(tmp_path):
+    """ComfyUI imports each .js file in web/ as a module: the shared helpers (common.js) register nothing, and each
+    extension registers once, with no warning."""
+    node = shutil.which("node")
+    if node is None:
+        pytest.skip("Node.js is not installed, so the web/ files cannot be run")
+    harness = tmp_path / "load_all.mjs"
+    harness.write_text(LOAD_ALL)
+    files = sorted((ROOT / "web").glob("*.js"))
+    result = subprocess.run([node, str(harness), *(f.as_uri() for f in files)], capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 0, result.stderr
+    out = json.loads(result.stdout)
+    assert out["logs"] == []
+    assert dict(out["registered"]) == {"caption.js": ["CogVX.CaptionUpsample"], "cogvx.js": ["CogVX.Nodes"],
+                                       "common.js": [], "training.js": ["CogVX.Training"]}

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from cogvx_core.analysis import judge
 from cogvx_core.cli import main
 from cogvx_core.models import TINY_MODEL, builtin_models
+from cogvx_core.recipes.analysis import judge
 from cogvx_core.recipes.tiny import folder_size
 from cogvx_core.video_io import read_frames
 
@@ -91,6 +91,7 @@ def test_the_tiny_workflow_runs_with_no_download():
     assert verdict["colour"] and verdict["direction"], verdict["analysis"]
 
 
+@pytest.mark.slow
 def test_a_lora_trained_by_the_demo_teaches_it_a_colour_it_never_drew(tmp_path):
     """`recipe lora-demo` at full scale (about a minute): the base model never draws a purple shape; after 600 LoRA
     steps it does on caption combinations the LoRA did not train on, and ordinary prompts still work."""

@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-from cogvx_core.recipes.demos import LORA_COLOUR, curve_variance, eus_ablation, lora_demo, lora_split, moving_average
 from cogvx_core.errors import CogVXError
-from cogvx_core.synthetic import UNSEEN_SHAPE_COLOURS, all_combos, combos_for
+from cogvx_core.recipes.demos import LORA_COLOUR, curve_variance, eus_ablation, lora_demo, lora_split, moving_average
+from cogvx_core.recipes.synthetic import UNSEEN_SHAPE_COLOURS, all_combos, combos_for
 
 
 def test_curve_variance_measures_jitter_around_the_trend():
@@ -35,6 +35,7 @@ def test_no_base_clip_has_a_shape_of_a_colour_the_demo_teaches():
     assert base.isdisjoint(UNSEEN_SHAPE_COLOURS)
 
 
+@pytest.mark.slow
 def test_lora_demo_writes_its_lora_numbers_and_figure(smoke_model, tmp_path):
     model, _, _ = smoke_model
     result = lora_demo(model, tmp_path, smoke=True, say=lambda m: None)
@@ -46,6 +47,7 @@ def test_lora_demo_writes_its_lora_numbers_and_figure(smoke_model, tmp_path):
     assert result["colour"] == LORA_COLOUR == "purple" and result["judged_combos"] == 2
 
 
+@pytest.mark.slow
 def test_eus_ablation_writes_curves_numbers_and_figure(smoke_model, tmp_path):
     model, _, _ = smoke_model
     result = eus_ablation(model, tmp_path, smoke=True, say=lambda m: None)

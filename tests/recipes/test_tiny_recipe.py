@@ -10,13 +10,14 @@ import torch
 
 from cogvx_core.checkpoints.t5 import load_t5_tokenizer
 from cogvx_core.pipeline import load_pipeline
+from cogvx_core.recipes.synthetic import PALETTE
 from cogvx_core.recipes.tiny import TinyRecipe, all_captions, caption_spread, folder_size
-from cogvx_core.synthetic import PALETTE
 from cogvx_core.text import load_text_encoder
 
 PROMPT = "a red circle moves to the left on a black background"
 
 
+@pytest.mark.slow
 def test_the_folder_has_every_part(smoke_model):
     model, work, result = smoke_model
     for part in ("model_index.json", "scheduler/scheduler_config.json", "transformer/config.json",
@@ -31,6 +32,7 @@ def test_the_folder_has_every_part(smoke_model):
     assert not (model.parent / "model.tmp").exists()
 
 
+@pytest.mark.slow
 def test_our_loaders_read_it(smoke_model):
     model, _, _ = smoke_model
     pipe = load_pipeline(model)
@@ -42,6 +44,7 @@ def test_our_loaders_read_it(smoke_model):
     assert out.frames.shape == (1, 9, 64, 64, 3)
 
 
+@pytest.mark.slow
 def test_the_tokenizer_has_one_token_per_caption_word(smoke_model):
     model, _, _ = smoke_model
     tok = load_t5_tokenizer(model / "tokenizer")
@@ -52,6 +55,7 @@ def test_the_tokenizer_has_one_token_per_caption_word(smoke_model):
     assert tok.unk_token_id in tok("a pink circle").input_ids  # a word it was not trained on
 
 
+@pytest.mark.slow
 def test_distinct_captions_get_distinct_contexts(smoke_model):
     model, _, _ = smoke_model
     encoder = load_text_encoder(model, max_length=TinyRecipe().text_length)
@@ -61,6 +65,7 @@ def test_distinct_captions_get_distinct_contexts(smoke_model):
     assert spread["min_nearest"] > 0.05 * spread["median_pair"]
 
 
+@pytest.mark.slow
 def test_diffusers_reads_the_folder_and_makes_the_same_video(smoke_model):
     pytest.importorskip("diffusers")
     from diffusers import CogVideoXPipeline
@@ -102,8 +107,8 @@ def test_a_stage_is_reused_while_its_settings_stand_and_redone_when_they_change(
 
 
 def test_centred_layout_keeps_sizes_and_speeds_and_centres_the_path():
+    from cogvx_core.recipes.synthetic import centres
     from cogvx_core.recipes.tiny import recipe_clips
-    from cogvx_core.synthetic import centres
 
     r = TinyRecipe()
     free = recipe_clips(12, r, "train")
@@ -123,9 +128,9 @@ def dataclasses_replace(obj, **kw):
 def test_unseen_colour_clips_for_the_vae_show_only_colours_no_base_clip_has():
     import dataclasses
 
-    from cogvx_core.analysis import analyse
+    from cogvx_core.recipes.analysis import analyse
+    from cogvx_core.recipes.synthetic import UNSEEN_SHAPE_COLOURS
     from cogvx_core.recipes.tiny import stage_settings, unseen_colour_clips
-    from cogvx_core.synthetic import UNSEEN_SHAPE_COLOURS
 
     r = TinyRecipe()
     clips = unseen_colour_clips(6, r)
@@ -152,5 +157,5 @@ def test_the_recipe_transformer_is_a_5b_t2v_with_a_sincos_started_position_table
     text = cfg["max_text_seq_length"]
     torch.testing.assert_close(table[:text], sincos_1d_table(table.shape[1], text).float())
     grid = ((cfg["sample_frames"] - 1) // 4 + 1, cfg["sample_height"] // 2, cfg["sample_width"] // 2)
-    torch.testing.assert_close(table[text:], model._sincos(*grid, torch.device("cpu"))[text:].float())
+    torch.testing.assert_close(table[text:], model.sincos_table(*grid, torch.device("cpu"))[text:].float())
     assert table[text:].abs().sum() > 0

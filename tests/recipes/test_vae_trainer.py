@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from cogvx_core.errors import CogVXError
-from cogvx_core.synthetic import dataset_clips, render
+from cogvx_core.recipes.synthetic import dataset_clips, render
 from cogvx_core.train.vae import (PatchDiscriminator3D, VAETrainer, VAETrainSettings, kl_to_unit_gaussian,
                                   reconstruction_psnr, to_model_input)
 from cogvx_core.vae import build_vae
@@ -38,6 +38,7 @@ def test_input_layout_and_kl():
     assert kl_to_unit_gaussian(mean + 2, logvar) == pytest.approx(2.0)  # 0.5 * mean^2
 
 
+@pytest.mark.slow
 def test_training_lowers_the_reconstruction_loss():
     data = clips(4)
     vae = fresh_vae()

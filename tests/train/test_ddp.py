@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors import safe_open
 
@@ -20,6 +21,7 @@ from trainkit import CAPTIONS, load_parts, write_clip
 STEPS = 3
 
 
+@pytest.mark.slow
 def test_torchrun_two_gloo_processes_equal_gradient_averaging(model_folder, tmp_path):
     folder = model_folder("5b")
     data = tmp_path / "data"
@@ -56,7 +58,7 @@ def test_torchrun_two_gloo_processes_equal_gradient_averaging(model_folder, tmp_
             group["lr"] = ref.lr_at(step)
         for rank in range(2):
             ref.dist = ddp.DistInfo(rank=rank, world_size=2)  # only the batch choice reads it here
-            _, latents, mask, context, noise, t = ref._batch(step)
+            _, latents, mask, context, noise, t = ref.batch(step)
             ref.dist = ddp.DistInfo()
             seen_t.append(t)
             (ref.compute_loss(latents, noise, t, context, mask).mean() / 2).backward()

@@ -72,7 +72,7 @@ def test_training_steps_match_a_diffusers_peft_loop(model_folder, tmp_path):
                              max_grad_norm=0.05)  # small clip norm: clipping is active and compared too
     base_state = {k: v.clone() for k, v in transformer.state_dict().items()}
     trainer = Trainer(transformer, ds, settings, scaling_factor=0.7)
-    batches = [trainer._batch(step) for step in range(settings.steps)]
+    batches = [trainer.batch(step) for step in range(settings.steps)]
 
     cfg = transformer.config
     ref = reference_transformer(cfg, base_state)

@@ -19,7 +19,8 @@ from cogvx_core.checkpoints.lora import read_lora
 from cogvx_core.errors import CogVXError
 from cogvx_core.train.dataset import load_manifest, save_manifest
 from cogvx_core.train.estimate import _param_ptrs, estimate, saved_activation_bytes
-from cogvx_core.train.trainer import Trainer, TrainSettings, latest_checkpoint, list_checkpoints, write_checkpoint
+from cogvx_core.train.checkpoint import latest_checkpoint, list_checkpoints, write_checkpoint
+from cogvx_core.train.trainer import Trainer, TrainSettings
 from trainkit import load_parts, small_dataset
 
 HERE = Path(__file__).resolve().parent
@@ -68,6 +69,7 @@ def test_resume_in_process_is_bitwise_exact(setup, tmp_path):
     assert any(float(v.abs().max()) > 0 for k, v in a.items() if k.endswith("up"))
 
 
+@pytest.mark.slow
 def test_kill_and_resume_equals_an_uninterrupted_run(setup, tmp_path):
     """A training process SIGKILLed after a checkpoint, then resumed, writes the same LoRA bits as a run never
     interrupted."""
@@ -196,7 +198,7 @@ def test_trains_a_model_loaded_under_inference_mode(setup):
 def test_memory_estimate_matches_what_autograd_keeps(setup):
     t = _trainer(setup, gradient_checkpointing=False)
     est = estimate(t)
-    _, latents, mask, context, noise, ts = t._batch(0)
+    _, latents, mask, context, noise, ts = t.batch(0)
     assert latents.shape[0] == 2
     # measure the largest batch: two 9-frame clips
     latents = torch.stack([t._clip_latents(i, None, t.dataset) for i in (0, 2)])

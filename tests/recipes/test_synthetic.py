@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from cogvx_core import cli, synthetic
+from cogvx_core import cli
 from cogvx_core.errors import CogVXError
-from cogvx_core.synthetic import Clip, Combo, caption, make_dataset, random_clip, render, split
+from cogvx_core.recipes import synthetic
+from cogvx_core.recipes.synthetic import Clip, Combo, caption, make_dataset, random_clip, render, split
 from cogvx_core.video_io import read_frames
 
 

@@ -8,10 +8,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from cogvx_core import synthetic
-from cogvx_core.analysis import MIN_CONFIDENCE, UNKNOWN, analyse, flicker, judge, parse_caption
 from cogvx_core.errors import CogVXError
-from cogvx_core.synthetic import Clip, Combo, caption, random_clip, render
+from cogvx_core.recipes import synthetic
+from cogvx_core.recipes.analysis import MIN_CONFIDENCE, UNKNOWN, analyse, flicker, judge, parse_caption
+from cogvx_core.recipes.synthetic import Clip, Combo, caption, random_clip, render
 
 ATTRIBUTES = ("colour", "shape", "direction", "background")
 

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .errors import CogVXError
+from ..errors import CogVXError
 from .synthetic import COLOUR_NAMES, DIRECTIONS, PALETTE, SHAPES, UNSEEN_SHAPE_COLOURS, coverage
 
 UNKNOWN = "unknown"

@@ -1,7 +1,7 @@
 """Synthetic captioned clips: one shape in one colour moving left, right, up or down over a plain background.
 
 The data a small CogVideoX-architecture model can learn on a CPU, with captions whose every word can be checked
-on the output by `cogvx_core.analysis`:
+on the output by `cogvx_core.recipes.analysis`:
 
     "a red circle moves to the left on a black background"
     "a white square moves up on a blue background"
@@ -42,7 +42,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from .errors import CogVXError
+from ..errors import CogVXError
 
 # Named colours (RGB in [0, 1]). A name means the same RGB as a shape colour and as a background.
 PALETTE = {
@@ -309,7 +309,7 @@ def make_dataset(out: str | Path, n: int, seed: int = 0, frames: int = 9, height
     """
     import shutil
 
-    from .video_io import write_frames
+    from ..video_io import write_frames
 
     if video_format not in ("png", "mp4"):
         raise CogVXError(f"video_format {video_format!r}: choose png (a folder of frames per clip) or mp4.")

@@ -21,8 +21,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from ..errors import CogVXError
 from .analysis import flicker, judge
-from .errors import CogVXError
 from .synthetic import SPLITS, caption, combos_for, dataset_clips, render_uint8
 
 ATTRIBUTES = ("colour", "shape", "direction", "background", "all")
