@@ -198,9 +198,10 @@ def bench_vae(config: dict, latent_shape, dtype=torch.float32, device="cpu", rep
 def add_arguments(parser) -> None:
     parser.add_argument("--config", help="a diffusers vae/config.json (default: the released CogVideoX VAE)")
     parser.add_argument("--latent-shape", default="1,16,5,30,45", help="B,C,t,h,w of the latents to decode")
-    parser.add_argument("--dtype", default="float32")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--dtype", default="float32", help="weight and compute dtype of both VAEs")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="where both decodes run (default: cuda when available)")
+    parser.add_argument("--repeats", type=int, default=1, help="timed decodes per VAE (the median counts)")
 
 
 def run(args) -> int:
