@@ -221,3 +221,15 @@ class FolderLock:
 
     def release(self) -> None:
         self._finalizer()
+
+
+def damaged_checkpoint(path: Path, error: BaseException, complete: list[Path]) -> CogVXError:
+    """A checkpoint that cannot be read (truncated, corrupt): named, with the newest earlier one offered."""
+    earlier = [p for p in complete if p != path and p.name < path.name]
+    reason = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
+    if earlier:
+        offer = (f"The previous complete checkpoint is {earlier[-1]}: delete {path.name} (or move it away) and "
+                 f"resume again to continue from {earlier[-1].name}.")
+    else:
+        offer = "There is no earlier checkpoint in this folder; start the run again in an empty folder."
+    return CogVXError(f"{path}: this checkpoint is damaged or incomplete ({reason}). {offer}")

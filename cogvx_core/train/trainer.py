@@ -36,12 +36,14 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from ..checkpoints.lora import Lora, lora_from_state_dict
+from ..checks import json_object, require_keys
 from ..errors import CogVXError
 from ..lora import DEFAULT_TARGETS, add_trainable_lora, lora_state_dict, save_lora
+from ..safe_write import FolderLock, damaged_checkpoint
 from ..schedule import NoiseSchedule
 from ..transformer import CogVideoXTransformer
 from . import ddp
@@ -186,6 +188,9 @@ class Trainer:
         self.dist = dist or ddp.DistInfo(device=transformer.device)
         self.device = self.dist.device
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else None
+        # One run per checkpoint folder (the main rank holds it for all): two would delete each other's checkpoints.
+        self._folder_lock = (FolderLock(self.checkpoint_dir, "training run", "use another --checkpoint-dir")
+                             if self.checkpoint_dir and self.dist.is_main else None)
 
         _as_normal_tensors(transformer)
         self.base_fingerprint = module_fingerprint(transformer)
@@ -643,11 +648,12 @@ def latest_checkpoint(root: str | os.PathLike) -> Path | None:
 
 def read_checkpoint(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     try:
-        state = json.loads((path / "state.json").read_text())
+        state = json_object(json.loads((path / "state.json").read_text()), path / "state.json")
+        require_keys(state, ("format", "step", "settings", "optimizer_groups", "history"), path / "state.json")
         with safe_open(str(path / "trainable.safetensors"), framework="pt", device="cpu") as f:
             tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except (OSError, ValueError, RuntimeError) as e:
-        raise CogVXError(f"{path}: this checkpoint cannot be read ({e}); delete it to resume from the one before.")
+    except (OSError, ValueError, RuntimeError, SafetensorError) as e:
+        raise damaged_checkpoint(path, e, list_checkpoints(path.parent)) from None
     return state, tensors
 
 
