@@ -109,12 +109,17 @@ def require_finite(x: torch.Tensor, where: str) -> None:
 
 
 def finite_tensor(value: torch.Tensor, name: str, source) -> None:
-    """A loaded weight: NaN or infinite values name the file and the tensor (fp8 values are checked as bf16)."""
+    """A loaded weight: NaN or infinite values name the file and the tensor. fp8 is checked on its bits (no isfinite
+    kernel): e4m3fn has only NaN (exponent and mantissa all ones), e5m2 inf and NaN (exponent all ones)."""
     if not value.is_floating_point():
         return
-    if value.element_size() == 1:
-        value = value.to(torch.bfloat16)
-    if not bool(torch.isfinite(value).all()):
+    if value.dtype == torch.float8_e4m3fn:
+        ok = not bool(((value.view(torch.uint8) & 0x7F) == 0x7F).any())
+    elif value.element_size() == 1:
+        ok = not bool(((value.view(torch.uint8) & 0x7C) == 0x7C).any())
+    else:
+        ok = bool(torch.isfinite(value).all())
+    if not ok:
         raise CogVXError(f"{source}: tensor {name} holds NaN or infinite values; the file is damaged or was saved from "
                          "a diverged training run. Download it again or use an earlier version.")
 

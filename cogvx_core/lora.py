@@ -258,6 +258,8 @@ def apply_loras(model: nn.Module, loras: Iterable[tuple[Lora | str | os.PathLike
         first_time = key not in on_model  # warn once per LoRA, not on every change of strength
         if first_time and made_for and variant and made_for != variant:
             log.warning("%s was made for CogVideoX %s; applying it to %s.", lora.name, made_for, _title(model))
+        for note in lora.notes if first_time else ():
+            log.warning("%s: %s", lora.source, note)
         if first_time and unmatched:
             log.warning("%s: %d keys of this LoRA match no layer of %s and are ignored: %s", lora.source,
                         len(unmatched), _title(model), _listed(unmatched))

@@ -20,7 +20,7 @@ import torch
 
 from .errors import CancelledError, CheckpointError, CogVXError
 from .samplers import SAMPLERS, randn_like_reference, sample
-from .schedule import NoiseSchedule
+from .schedule import DIFFUSERS_DEFAULTS, NoiseSchedule
 from .transformer import CogVideoXTransformer
 from .variants import Variant, snap_request
 
@@ -271,5 +271,6 @@ def load_pipeline(path: str | Path, dtype: torch.dtype | None = None, device: to
                                          max_length=transformer.config["max_text_seq_length"])
     schedule = None
     if (root / "scheduler" / "scheduler_config.json").is_file():
-        schedule = NoiseSchedule.from_config(read_json(root / "scheduler" / "scheduler_config.json", "scheduler"))
+        schedule = NoiseSchedule.from_config(read_json(root / "scheduler" / "scheduler_config.json", "scheduler",
+                                                         DIFFUSERS_DEFAULTS))
     return CogVideoXPipeline(transformer, vae, text_encoder, schedule)

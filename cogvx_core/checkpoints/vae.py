@@ -16,6 +16,7 @@ from typing import Callable
 
 import torch
 
+from ..checks import config_types
 from ..errors import CheckpointError
 from ..vae import CausalVAE, build_vae
 from ..variants import VAE_DEFAULTS
@@ -61,7 +62,7 @@ def load_vae(path: str | Path, dtype: torch.dtype | None = None, device: str | t
     refuse_pickle(path)
     if path.is_dir():
         folder = _vae_folder(path)
-        config = read_json(folder / "config.json", "VAE")
+        config = read_json(folder / "config.json", "VAE", VAE_DEFAULTS)
         _check_vae_config(config, folder)
         headers = open_headers(folder_weight_files(folder, "VAE"))
         shapes = {k: s for h in headers for k, s in h.shapes().items()}
@@ -109,6 +110,7 @@ def _vae_folder(path: Path) -> Path:
 
 
 def _check_vae_config(config: dict, source: Path) -> None:
+    config_types(config, VAE_DEFAULTS, source)
     name = config.get("_class_name")
     if name and "Transformer" in name:
         raise CheckpointError(f"{source}: this is a transformer ({name}), not the VAE; load it with the model "
