@@ -96,6 +96,21 @@ def check_layout(x, name: str, layout: str, channels: dict[int, int] | None = No
     return x
 
 
+def check_generate_inputs(*, image=None, video=None, cond=None, uncond=None, frames=None, height=None, width=None,
+                          steps=None, seed=None) -> None:
+    """The pipeline API's arguments, before any work: layouts of the tensors, positive sizes, a 64-bit seed."""
+    if image is not None:
+        check_layout(image, "image", "(B, 3, H, W)", {1: 3})
+    if video is not None:
+        check_layout(video, "video", "(B, 3, T, H, W)", {1: 3})
+    for name, context in (("cond", cond), ("uncond", uncond)):
+        if context is not None:
+            check_layout(context, name, "(B, L, D)")
+    for name, value in (("frames", frames), ("height", height), ("width", width), ("steps", steps)):
+        positive(name, value)
+    check_seed(seed)
+
+
 def check_frames(frames, name: str = "frames") -> torch.Tensor:
     """Frames as written and shown: (T, H, W, 3), at least one frame."""
     return check_layout(frames, name, "(T, H, W, 3)", {3: 3})
@@ -173,22 +188,21 @@ def require_keys(config: dict, keys, source) -> dict:
 # ---------------------------------------------------------------------------------------------------------------
 # Notes: input that works but is probably not what was meant
 # ---------------------------------------------------------------------------------------------------------------
-def image_notes(image, target: tuple[int, int] | None = None) -> list[str]:
-    """A PIL start image that is tiny, grayscale or transparent (before its conversion to RGB hides it)."""
+def image_notes(pixels: torch.Tensor, target: tuple[int, int] | None = None) -> list[str]:
+    """Notes on a start image (H, W, C) in [0, 1], C = 1 (gray), 2 (gray + alpha), 3 (RGB) or 4 (RGBA), that is
+    tiny, grayscale or transparent: it works, but the video will not look as the user expects."""
     notes = []
-    w, h = image.size
+    h, w, c = pixels.shape
     if target is not None and (w * 2 < target[1] or h * 2 < target[0]):
         notes.append(f"the start image is {w}x{h}, less than half of the {target[1]}x{target[0]} video; it is "
                      "upscaled and will look soft. Use a larger image.")
-    elif min(w, h) < 64:
+    elif target is None and min(w, h) < 64:
         notes.append(f"the start image is only {w}x{h}; it is upscaled and will look soft. Use a larger image.")
-    if image.mode in ("L", "LA", "1", "I", "I;16", "F"):
+    if c < 3 or bool((pixels[..., 0] == pixels[..., 1]).all() and (pixels[..., 1] == pixels[..., 2]).all()):
         notes.append("the start image is grayscale; the video starts from gray colours.")
-    if image.mode in ("RGBA", "LA", "PA") or image.mode == "P" and "transparency" in image.info:
-        alpha = image.convert("RGBA").getchannel("A")
-        if alpha.getextrema()[0] < 255:
-            notes.append("the start image has transparent parts; they are filled with its hidden colour values "
-                         "(often black). Flatten it onto a background first.")
+    if c in (2, 4) and float(pixels[..., -1].min()) < 1:
+        notes.append("the start image has transparent parts; their hidden colours (often black) are used. Flatten it "
+                     "onto a background first.")
     return notes
 
 

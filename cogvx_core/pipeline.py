@@ -18,6 +18,7 @@ from typing import Callable
 
 import torch
 
+from .checks import check_generate_inputs
 from .errors import CancelledError, CheckpointError, CogVXError
 from .samplers import SAMPLERS, randn_like_reference, sample
 from .schedule import DIFFUSERS_DEFAULTS, NoiseSchedule
@@ -171,6 +172,8 @@ class CogVideoXPipeline:
                  progress: Progress | None = None, cancel: Callable[[], bool] | None = None,
                  decode_frames: bool = True, **tile_args) -> Generation:
         """image: (B, 3, H, W) in [-1, 1] at (height, width); video: (B, 3, T, H, W) in [-1, 1] for V2V."""
+        check_generate_inputs(image=image, video=video, cond=cond, uncond=uncond, frames=frames, height=height,
+                              width=width, steps=steps, seed=seed)
         variant, transformer = self.variant, self.transformer
         if video is not None and image is not None:
             raise CogVXError("Give either a start image (image-to-video) or a video (video-to-video), not both.")

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .checks import check_frames
+from .checks import check_frames, image_notes
 from .errors import CogVXError
 from .safe_write import atomic_path, check_fps, check_writable, fresh_folder, write_error
 
@@ -82,6 +82,17 @@ def read_image(path: str | Path) -> Image.Image:
         return Image.open(path).convert("RGB")
     except Exception as e:  # PIL raises many types for bad files
         raise CogVXError(f"{path}: cannot read this image ({e}); use a PNG or JPEG file.")
+
+
+def read_image_notes(path: str | Path, target: tuple[int, int] | None = None) -> list[str]:
+    """checks.image_notes for an image file, read with its alpha and gray channels (read_image drops them)."""
+    with Image.open(path) as image:
+        if image.mode not in ("L", "LA", "RGB", "RGBA"):
+            image = image.convert("RGBA" if image.mode in ("P", "PA") or "transparency" in image.info else
+                                  "L" if image.mode in ("1", "I", "I;16", "F") else "RGB")
+        array = np.asarray(image).astype(np.float32) / 255.0
+    pixels = torch.from_numpy(array.reshape(*array.shape[:2], -1))  # (H, W, C)
+    return image_notes(pixels, target)
 
 
 def read_frames(path: str | Path) -> torch.Tensor:

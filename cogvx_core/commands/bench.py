@@ -12,6 +12,7 @@ import time
 
 import torch
 
+from ..checks import parse_numbers
 from ..errors import CogVXError
 from ..variants import get_variant
 
@@ -135,7 +136,7 @@ def run(args) -> int:
         from ..variants import VAE_DEFAULTS
         from .bench_vae import bench_vae
 
-        shape = tuple(int(n) for n in args.vae_latents.split(","))
+        shape = tuple(parse_numbers(args.vae_latents, "--vae-latents"))
         r = bench_vae(dict(VAE_DEFAULTS), shape, dtype=DTYPES[args.dtype], device=args.device,
                       repeats=args.vae_repeats)
         print(f"VAE decode (released VAE, latents {shape} -> frames {tuple(r['output_shape'])}): "

@@ -69,7 +69,8 @@ def _parse_lora(spec: str) -> tuple[str, float]:
 
 def run(args) -> int:
     from ..pipeline import is_released_size, load_pipeline
-    from ..video_io import frames_to_model_input, pil_to_model_input, read_frames, read_image, write_frames
+    from ..video_io import (frames_to_model_input, pil_to_model_input, read_frames, read_image, read_image_notes,
+                            write_frames)
 
     # Everything a user typed is checked before minutes of loading and sampling, the output folder included.
     for name in ("frames", "height", "width", "steps"):
@@ -108,6 +109,8 @@ def run(args) -> int:
         pil = read_image(args.image)
         height, width = height or variant.height, width or variant.width
         image = pil_to_model_input(pil, height, width)[None].to(pipe.dtype)  # (1, 3, H, W)
+        for note in read_image_notes(args.image, (height, width)):
+            print(f"note: {note}", file=sys.stderr)
     if args.video:
         frames = read_frames(args.video)  # (T, H, W, 3)
         height, width = height or frames.shape[1], width or frames.shape[2]

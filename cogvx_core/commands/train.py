@@ -16,7 +16,9 @@ from pathlib import Path
 
 import torch
 
+from ..checks import check_seed, parse_numbers, positive
 from ..errors import CogVXError
+from ..safe_write import check_writable
 
 HELP = "train a LoRA on a folder of videos/images with captions"
 
@@ -119,6 +121,10 @@ def run(args) -> int:
         raise CogVXError(f"--model {root}: not a diffusers-format CogVideoX folder (no transformer/ inside).")
     if not str(args.out).lower().endswith(".safetensors"):
         raise CogVXError(f"--out {args.out}: the output is a .safetensors file; use a name ending in .safetensors.")
+    for name in ("frames", "height", "width", "steps"):
+        positive(f"--{name}", getattr(args, name, None))
+    check_seed(args.seed)
+    check_writable(args.out)  # before hours of training, not after
     if args.resume and not args.checkpoint_dir:
         raise CogVXError("--resume needs --checkpoint-dir (the folder the interrupted run wrote its checkpoints to).")
 
@@ -132,7 +138,7 @@ def run(args) -> int:
         frames = args.frames or variant.frames
         height, width = args.height or variant.height, args.width or variant.width
         resolutions = parse_resolutions(args.buckets) if args.buckets else None
-        frame_counts = [int(v) for v in args.frame_buckets.split(",")] if args.frame_buckets else None
+        frame_counts = parse_numbers(args.frame_buckets, "--frame-buckets") if args.frame_buckets else None
         buckets = make_buckets(variant, frames, height, width, resolutions, frame_counts)
         targets = tuple(t.strip() for t in args.targets.split(",") if t.strip())
         settings = TrainSettings(
