@@ -12,6 +12,7 @@ import errno
 import logging
 import math
 import os
+import re
 import shutil
 import tempfile
 import threading
@@ -92,12 +93,20 @@ def atomic_path(final: str | os.PathLike) -> Iterator[Path]:
             final.rmdir()  # an empty folder of the same name: the new one takes its place
         os.replace(tmp, final)
         fsync_path(final.parent)
-    except OSError as e:
+    except BaseException as e:
         _remove(tmp)
-        raise write_error(final, e) from None
-    except BaseException:
-        _remove(tmp)
+        os_error = _as_os_error(e)
+        if os_error is not None:
+            raise write_error(final, os_error) from None
         raise
+
+
+def _as_os_error(error: BaseException) -> OSError | None:
+    """An OSError, or the one a Rust writer (safetensors) reports in its message as "(os error 28)"."""
+    if isinstance(error, OSError):
+        return error
+    found = re.search(r"os error (\d+)", str(error)) if isinstance(error, Exception) else None
+    return OSError(int(found.group(1)), os.strerror(int(found.group(1)))) if found else None
 
 
 def fresh_folder(out: str | os.PathLike) -> Path:

@@ -204,7 +204,8 @@ def _meta_config(raw: str, source: str) -> dict:
     try:
         config = json.loads(raw)
     except json.JSONDecodeError as e:
-        raise CheckpointError(f"{source}: the 'config' metadata is not valid JSON ({e}); the file is corrupt.") from None
+        raise CheckpointError(f"{source}: the 'config' metadata is not valid JSON ({e}); the file is "
+                              "corrupt.") from None
     return config_types(json_object(config, f"{source} ('config' metadata)"), TRANSFORMER_DEFAULTS,
                         f"{source} ('config' metadata)")
 

@@ -43,7 +43,7 @@ from ..checkpoints.lora import Lora, lora_from_state_dict
 from ..checks import json_object, require_keys
 from ..errors import CogVXError
 from ..lora import DEFAULT_TARGETS, add_trainable_lora, lora_state_dict, save_lora
-from ..safe_write import FolderLock, damaged_checkpoint
+from ..safe_write import FolderLock, atomic_path, damaged_checkpoint
 from ..schedule import NoiseSchedule
 from ..transformer import CogVideoXTransformer
 from . import ddp
@@ -664,8 +664,6 @@ def _save_full(path, transformer, metadata: dict, dtype) -> Path:
     state = {k: v.detach().to("cpu", dtype or v.dtype).contiguous() for k, v in transformer.state_dict().items()
              if ".lora_adapters." not in k}
     meta = {"format": "pt", "config": json.dumps({k: v for k, v in transformer.config.items()}), **metadata}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(state, str(tmp), metadata=meta)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        save_file(state, str(tmp), metadata=meta)
     return path

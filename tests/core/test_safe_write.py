@@ -128,6 +128,23 @@ def test_full_disk_frames_folder_is_an_error_with_no_half_folder(small_disk):
     assert leftovers(small_disk) == []
 
 
+def test_full_disk_lora_save_keeps_the_previous_lora(small_disk):
+    from cogvx_core.lora import load_lora, save_lora
+
+    def state(seed, rows):
+        g = torch.Generator().manual_seed(seed)
+        return {"transformer.transformer_blocks.0.attn1.to_q.lora_A.weight": torch.randn(rows, 512, generator=g),
+                "transformer.transformer_blocks.0.attn1.to_q.lora_B.weight": torch.randn(512, rows, generator=g)}
+
+    final = small_disk / "style.safetensors"
+    save_lora(final, state(0, 4), alpha=4)  # small: fits
+    before = final.read_bytes()
+    with pytest.raises(CogVXError, match="disk is full"):
+        save_lora(final, state(1, 256), alpha=4)  # 1 MiB: does not
+    assert final.read_bytes() == before and load_lora(final).ranks == [4]
+    assert leftovers(small_disk) == []
+
+
 def test_enospc_from_the_low_level_write_is_named(tmp_path):
     """The same without a mount (simulated: os.replace raises ENOSPC as a full disk's rename of metadata can)."""
     final = tmp_path / "a.gif"
