@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from .checkpoints.io import PICKLE_SUFFIXES, folder_weight_files
+from .checks import parse_device
 from .errors import CheckpointError, CogVXError
 
 log = logging.getLogger(__name__)
@@ -146,7 +147,7 @@ def _default_device(device):
 
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(device)
+    return parse_device(device)
 
 
 def _default_dtype(device, dtype):

@@ -28,6 +28,28 @@ log = logging.getLogger(__name__)
 TMP_MARK = ".tmp-"
 
 
+WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS)
+
+
+def os_error_message(error: OSError) -> CogVXError:
+    """Any OSError that reached a front end, as one line (a full disk or a read-only folder says what to do)."""
+    if error.errno in WRITE_ERRNOS:
+        return write_error(error.filename or "the output", error)
+    return CogVXError(f"{error.filename + ': ' if error.filename else ''}{error.strerror or error}.")
+
+
+@contextmanager
+def writing(path: str | os.PathLike) -> Iterator[None]:
+    """Turns the OSError of a write to `path` (or a Rust writer's "os error N") into a CogVXError."""
+    try:
+        yield
+    except Exception as e:
+        os_error = _as_os_error(e)
+        if os_error is None or isinstance(e, CogVXError):
+            raise
+        raise write_error(path, os_error) from None
+
+
 def write_error(path: str | os.PathLike, error: OSError) -> CogVXError:
     """An OSError while writing `path` as a message a user can act on."""
     if error.errno == errno.ENOSPC or error.errno == errno.EDQUOT:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from ..checks import check_seed, parse_numbers, positive
+from ..checks import check_seed, parse_device, parse_numbers, positive
 from ..errors import CogVXError
 from ..safe_write import check_writable
 
@@ -124,6 +124,8 @@ def run(args) -> int:
     for name in ("frames", "height", "width", "steps"):
         positive(f"--{name}", getattr(args, name, None))
     check_seed(args.seed)
+    if args.device:
+        parse_device(args.device)
     check_writable(args.out)  # before hours of training, not after
     if args.resume and not args.checkpoint_dir:
         raise CogVXError("--resume needs --checkpoint-dir (the folder the interrupted run wrote its checkpoints to).")

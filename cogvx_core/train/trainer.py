@@ -43,7 +43,7 @@ from ..checkpoints.lora import Lora, lora_from_state_dict
 from ..checks import json_object, require_keys
 from ..errors import CogVXError
 from ..lora import DEFAULT_TARGETS, add_trainable_lora, lora_state_dict, save_lora
-from ..safe_write import FolderLock, atomic_path, damaged_checkpoint
+from ..safe_write import FolderLock, atomic_path, damaged_checkpoint, writing
 from ..schedule import NoiseSchedule
 from ..transformer import CogVideoXTransformer
 from . import ddp
@@ -454,8 +454,9 @@ class Trainer:
             raise CogVXError("No checkpoint folder was given; pass checkpoint_dir (--checkpoint-dir).")
         path = None
         if self.dist.is_main:
-            path = write_checkpoint(self.checkpoint_dir, self.step, self._checkpoint_tensors(), self._state_json(),
-                                    keep=self.settings.keep_checkpoints)
+            with writing(self.checkpoint_dir):  # a full disk: the previous checkpoints stay, and the error says so
+                path = write_checkpoint(self.checkpoint_dir, self.step, self._checkpoint_tensors(),
+                                        self._state_json(), keep=self.settings.keep_checkpoints)
         ddp.barrier(self.dist)
         return path
 

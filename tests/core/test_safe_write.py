@@ -278,3 +278,15 @@ def test_folder_lock_is_shared_in_one_process_and_released_with_its_holders(tmp_
     assert subprocess.run(check, env=env, capture_output=True).returncode != 0  # b still holds it
     del b
     assert subprocess.run(check, env=env, capture_output=True).returncode == 0
+
+
+def test_cli_reports_an_os_error_in_one_line(capsys):
+    """Whatever command meets a full disk (a cache, a manifest), the CLI says so in one line, exit code 2."""
+    from cogvx_core.cli import main
+    from cogvx_core.commands import synth
+
+    with mock.patch.object(synth, "run", side_effect=OSError(errno.ENOSPC, "No space left on device", "data/x.png")):
+        assert main(["synth", "--out", "data", "--n", "1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["error: data/x.png: cannot write here: the disk is full; free some space or write to another disk. "
+                   "Nothing was written under this name."]
