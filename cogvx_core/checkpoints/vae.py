@@ -110,7 +110,6 @@ def _vae_folder(path: Path) -> Path:
 
 
 def _check_vae_config(config: dict, source: Path) -> None:
-    config_types(config, VAE_DEFAULTS, source)
     name = config.get("_class_name")
     if name and "Transformer" in name:
         raise CheckpointError(f"{source}: this is a transformer ({name}), not the VAE; load it with the model "
@@ -170,6 +169,7 @@ def _single_file_config(header: SafetensorsHeader, shapes: dict[str, tuple[int, 
             raise CheckpointError(f"{source}: the 'config' metadata is not valid JSON ({e}); the file is corrupt.")
         if not isinstance(config, dict):
             raise CheckpointError(f"{source}: the 'config' metadata is not a JSON object; the file is corrupt.")
+        config_types(config, VAE_DEFAULTS, f"{source} ('config' metadata)")
         _check_vae_config(config, source)
         return config, "scaling_factor" in config
     return infer_vae_config(shapes, source), False
