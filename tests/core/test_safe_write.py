@@ -86,19 +86,9 @@ def test_sigkill_while_encoding_a_video_keeps_the_previous_video(tmp_path):
 
 # -- a full disk ---------------------------------------------------------------------------------------------------
 @pytest.fixture
-def small_disk(tmp_path):
-    """A 512 KiB tmpfs (needs root, as CI has); skipped with the reason when it cannot be mounted."""
-    mount = tmp_path / "disk"
-    mount.mkdir()
-    if not hasattr(os, "geteuid") or os.geteuid() != 0:
-        pytest.skip("mounting a small tmpfs to fill needs root")
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=512k", "tmpfs", str(mount)], capture_output=True)
-    if r.returncode != 0:
-        pytest.skip(f"cannot mount a small tmpfs here: {r.stderr.decode().strip()}")
-    try:
-        yield mount
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], check=False)
+def small_disk(tmpfs):
+    """A 512 KiB disk to fill."""
+    return tmpfs("512k")
 
 
 def test_full_disk_leaves_the_previous_file_and_no_half_file(small_disk):
@@ -189,25 +179,14 @@ def test_bad_fps_is_refused_before_writing(tmp_path, fps):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_read_only_folder_is_an_error_not_a_path(tmp_path):
-    ro = tmp_path / "ro"
-    ro.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(ro)], capture_output=True)
-    if r.returncode != 0:  # not root: permission bits do the same
-        os.chmod(ro, 0o555)
-        if os.access(ro, os.W_OK):
-            pytest.skip("cannot make a read-only folder here (root without mount)")
-    try:
-        for name in ("v.mp4", "v.gif", "frames"):
-            with pytest.raises(CogVXError, match="not writable"):
-                check_writable(ro / name)
-            with pytest.raises(CogVXError, match="not writable"):
-                write_frames(frames(), ro / name)
-            assert not (ro / name).exists()
-    finally:
-        if r.returncode == 0:
-            subprocess.run(["umount", "-l", str(ro)], check=False)
-        os.chmod(ro, 0o755)
+def test_read_only_folder_is_an_error_not_a_path(tmpfs):
+    ro = tmpfs("64k", read_only=True)
+    for name in ("v.mp4", "v.gif", "frames"):
+        with pytest.raises(CogVXError, match="not writable"):
+            check_writable(ro / name)
+        with pytest.raises(CogVXError, match="not writable"):
+            write_frames(frames(), ro / name)
+        assert not (ro / name).exists()
 
 
 def test_encoder_failure_is_an_error_naming_the_file(tmp_path):
@@ -226,22 +205,15 @@ def test_writer_that_writes_nothing_is_an_error(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_cli_checks_the_output_before_generating(tmp_path, capsys):
+def test_cli_checks_the_output_before_generating(tmp_path, tmpfs, capsys):
     """A read-only --out fails in a moment, before the model is even loaded (no model folder here)."""
     from cogvx_core.cli import main
 
-    ro = tmp_path / "ro"
-    ro.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(ro)], capture_output=True)
-    if r.returncode != 0:
-        pytest.skip(f"cannot mount a read-only tmpfs: {r.stderr.decode().strip()}")
-    try:
-        start = time.perf_counter()
-        code = main(["generate", "--model", str(tmp_path / "nope"), "--prompt", "x", "--out", str(ro / "v.mp4")])
-        assert code == 2 and time.perf_counter() - start < 5
-        assert "not writable" in capsys.readouterr().err
-    finally:
-        subprocess.run(["umount", "-l", str(ro)], check=False)
+    ro = tmpfs("64k", read_only=True)
+    start = time.perf_counter()
+    code = main(["generate", "--model", str(tmp_path / "nope"), "--prompt", "x", "--out", str(ro / "v.mp4")])
+    assert code == 2 and time.perf_counter() - start < 5
+    assert "not writable" in capsys.readouterr().err
 
 
 # -- one training run per folder -----------------------------------------------------------------------------------
