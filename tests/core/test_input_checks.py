@@ -304,3 +304,15 @@ def test_cogvx_error_has_a_short_title():
         assert shown == cls.__name__
         assert traceback.format_exception_only(err) == [f"{cls.__name__}: {err}\n"]
     assert issubclass(CogVXError, ValueError) and issubclass(CheckpointError, CogVXError)
+
+
+def test_bad_vae_config_names_the_file_and_key(tmp_path):
+    from cogvx_core.checkpoints.vae import load_vae
+
+    folder = tmp_path / "vae"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"_class_name": "AutoencoderKLCogVideoX",
+                                                    "block_out_channels": 128}))
+    with pytest.raises(CogVXError, match=rf"{folder / 'config.json'}: key 'block_out_channels' is 128 \(number\) but "
+                                         r"must be a list"):
+        load_vae(folder)
