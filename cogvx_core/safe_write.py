@@ -191,10 +191,11 @@ def _try_lock(f) -> bool:
 
         fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         return True
-    except ImportError:  # Windows
+    except ImportError:  # Windows: a lock on the file's first byte (every holder must lock the same byte)
         import msvcrt
 
         try:
+            f.seek(0)
             msvcrt.locking(f.fileno(), msvcrt.LK_NBLCK, 1)
             return True
         except OSError:
@@ -226,7 +227,7 @@ class FolderLock:
         except OSError as e:
             raise write_error(folder, e) from None
         self.folder = folder
-        self._key = key = os.path.realpath(folder)
+        key = os.path.realpath(folder)
         with _held_mutex:
             entry = _held.get(key)
             if entry is None:
@@ -236,8 +237,11 @@ class FolderLock:
                 except OSError as e:
                     raise write_error(path, e) from None
                 if not _try_lock(f):
-                    f.seek(0)
-                    owner = f.read().strip() or "unknown"
+                    try:
+                        f.seek(0)
+                        owner = f.read().strip() or "unknown"
+                    except OSError:  # Windows refuses reads of a locked byte
+                        owner = "unknown"
                     f.close()
                     raise CogVXError(f"{folder}: another {what} (process {owner}) is using this folder right now; two "
                                      f"runs would overwrite each other's files. Wait for it to end or stop it, or "
