@@ -18,7 +18,7 @@ import torch
 
 from ..checks import check_seed, parse_device, parse_numbers, positive
 from ..errors import CogVXError
-from ..safe_write import check_writable
+from ..safe_write import FolderLock, check_writable
 
 HELP = "train a LoRA on a folder of videos/images with captions"
 
@@ -132,6 +132,9 @@ def run(args) -> int:
 
     info = ddp.init_from_env(args.device)
     main = info.is_main
+    # Taken before minutes of loading and preparing, not when the trainer starts (the trainer shares it).
+    lock = FolderLock(args.checkpoint_dir, "training run", "use another --checkpoint-dir") \
+        if args.checkpoint_dir and main else None
     try:
         cuda = info.device.type == "cuda"
         dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if cuda else torch.float32)
@@ -212,6 +215,8 @@ def run(args) -> int:
         return 0
     finally:
         ddp.shutdown(info)
+        if lock is not None:
+            lock.release()
 
 
 class _Counter:

@@ -121,3 +121,24 @@ def test_a_full_disk_during_a_checkpoint_is_an_error_and_keeps_the_previous(setu
     assert list_checkpoints(ckpt) == [first]
     (mount / "filler").unlink()
     assert _trainer(setup, ckpt).resume() == 1  # the previous checkpoint is whole
+
+
+def test_the_train_command_refuses_a_locked_folder_before_loading(tmp_path, capsys):
+    from cogvx_core.cli import main
+    from cogvx_core.safe_write import FolderLock
+
+    ckpt = tmp_path / "ckpt"
+    proc = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom cogvx_core.safe_write import FolderLock\n"
+                             "lock = FolderLock(sys.argv[1])\nprint('locked', flush=True)\ntime.sleep(60)", str(ckpt)],
+                            stdout=subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    try:
+        assert proc.stdout.readline().strip() == b"locked"
+        model = tmp_path / "model"
+        (model / "transformer").mkdir(parents=True)  # never loaded: the lock is checked first
+        code = main(["train", "--model", str(model), "--data", str(tmp_path), "--out", str(tmp_path / "l.safetensors"),
+                     "--steps", "1", "--checkpoint-dir", str(ckpt), "--device", "cpu"])
+        assert code == 2 and f"another training run (process {proc.pid})" in capsys.readouterr().err
+    finally:
+        proc.kill()
+        proc.wait(timeout=30)
+    FolderLock(ckpt).release()  # this process's refused attempt left nothing held
