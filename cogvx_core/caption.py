@@ -29,6 +29,7 @@ import math
 import re
 import socket
 import threading
+import time
 import urllib.error
 import urllib.request
 from collections import OrderedDict
@@ -37,6 +38,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from .checkpoints.io import PICKLE_SUFFIXES, folder_weight_files
+from .checks import parse_device
 from .errors import CheckpointError, CogVXError
 
 log = logging.getLogger(__name__)
@@ -145,7 +147,7 @@ def _default_device(device):
 
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(device)
+    return parse_device(device)
 
 
 def _default_dtype(device, dtype):
@@ -370,9 +372,10 @@ class OpenAIBackend:
             headers["Authorization"] = f"Bearer {self.api_key}"
         request = urllib.request.Request(self.url, data=json.dumps(body).encode(), headers=headers, method="POST")
         where = f"LLM server {self.url} (model {self.model!r})"
+        deadline = time.monotonic() + self.timeout  # for the whole answer, not for each byte of it
         try:
             with urllib.request.urlopen(request, timeout=self.timeout) as response:
-                raw = response.read()
+                raw = _read_before(response, deadline)
         except urllib.error.HTTPError as e:
             detail = _one_line(e.read().decode("utf-8", "replace"), 200) if e.fp else ""
             fix = {404: "check the base URL (it usually ends in /v1) and that the server has this model",
@@ -400,6 +403,23 @@ class OpenAIBackend:
                              f"starts {raw[:80]!r}); check that the base URL points at an OpenAI-compatible API "
                              "(usually ending in /v1).") from None
         return Reply(text, choice.get("finish_reason") == "length")
+
+
+def _read_before(response, deadline: float, chunk: int = 65536) -> bytes:
+    """The body, read in chunks, each read allowed only the time left: a server that trickles bytes cannot stretch
+    the timeout (a socket timeout alone is per read)."""
+    sock = getattr(getattr(getattr(response, "fp", None), "raw", None), "_sock", None)
+    parts = []
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError
+        if sock is not None:
+            sock.settimeout(left)
+        data = response.read1(chunk) if hasattr(response, "read1") else response.read(chunk)
+        if not data:
+            return b"".join(parts)
+        parts.append(data)
 
 
 def _timed_out(where: str, timeout: float) -> CogVXError:

@@ -12,6 +12,7 @@ import logging
 import sys
 
 from .errors import CogVXError
+from .safe_write import os_error_message
 
 # name -> module under cogvx_core.commands; imported lazily so `--help` and unrelated commands stay fast.
 COMMANDS = {
@@ -72,6 +73,9 @@ def main(argv: list[str] | None = None) -> int:
         return int(_load(args.command).run(args) or 0)
     except CogVXError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a full disk, a vanished file or folder: the cause, not a traceback
+        print(f"error: {os_error_message(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

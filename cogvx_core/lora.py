@@ -34,6 +34,7 @@ from torch import nn
 
 from .checkpoints.lora import Lora, LoraLayer, lora_from_state_dict, read_lora
 from .errors import CheckpointError, CogVXError
+from .safe_write import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -258,6 +259,8 @@ def apply_loras(model: nn.Module, loras: Iterable[tuple[Lora | str | os.PathLike
         first_time = key not in on_model  # warn once per LoRA, not on every change of strength
         if first_time and made_for and variant and made_for != variant:
             log.warning("%s was made for CogVideoX %s; applying it to %s.", lora.name, made_for, _title(model))
+        for note in lora.notes if first_time else ():
+            log.warning("%s: %s", lora.source, note)
         if first_time and unmatched:
             log.warning("%s: %d keys of this LoRA match no layer of %s and are ignored: %s", lora.source,
                         len(unmatched), _title(model), _listed(unmatched))
@@ -485,8 +488,6 @@ def save_lora(path: str | os.PathLike, model_or_state: nn.Module | Lora | dict[s
         if k in metadata:
             raise CogVXError(f"extra_metadata key {k!r} is written by save_lora itself; use another name.")
         metadata[str(k)] = v if isinstance(v, str) else json.dumps(v)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata=metadata)
-    os.replace(tmp, path)  # never a half-written LoRA under the real name
+    with atomic_path(path) as tmp:  # never a half-written LoRA under the real name (kill, full disk)
+        save_file(tensors, str(tmp), metadata=metadata)
     return path

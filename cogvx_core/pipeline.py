@@ -22,6 +22,7 @@ from typing import Callable
 
 import torch
 
+from .checks import check_generate_inputs
 from .errors import CancelledError, CheckpointError, CogVXError
 from .noise import randn_like_reference
 from .samplers import SAMPLERS, sample
@@ -278,6 +279,8 @@ class CogVideoXPipeline:
                  progress: Progress | None = None, cancel: Callable[[], bool] | None = None,
                  decode_frames: bool = True, tiling: Tiling | None = None) -> Generation:
         """image, end_image: (B, 3, H, W) in [-1, 1] at (height, width); video: (B, 3, T, H, W) in [-1, 1] for V2V."""
+        check_generate_inputs(image=image, video=video, cond=cond, uncond=uncond, frames=frames, height=height,
+                              width=width, steps=steps, seed=seed)
         variant, transformer = self.variant, self.transformer
         if end_image is not None and image is None:
             raise CogVXError("An end image needs a start image too (image-to-video).")

@@ -17,6 +17,7 @@ from typing import Callable
 
 import torch
 
+from .checks import require_finite
 from .errors import CogVXError
 from .noise import randn_like_reference
 from .schedule import NoiseSchedule
@@ -151,6 +152,7 @@ def sample(predict: Predict, latents: torch.Tensor, *, schedule: NoiseSchedule, 
             latents, x0 = dpm_step(schedule, v, t, latents, num_steps, old_x0, t_back, generator)
             old_x0 = x0
         latents = latents.to(dtype)
+        require_finite(latents, f"sampling step {i + 1} of {n_run} (timestep {t})")  # one reduction on the latents
 
         if callback is not None:
             callback(i, n_run, latents, x0)

@@ -16,6 +16,7 @@ import math
 import numpy as np
 import torch
 
+from .checks import config_types
 from .errors import CogVXError
 from .variants import Variant, get_variant
 
@@ -132,6 +133,7 @@ class NoiseSchedule:
             raise CogVXError(f"Scheduler config class {name!r} is not a CogVideoX scheduler; CogVX reads "
                              f"{' or '.join(SCHEDULER_CLASSES)} configs. Use the scheduler/scheduler_config.json of a "
                              f"CogVideoX model folder, or leave the config out to use the variant's released schedule.")
+        config_types(cfg, DIFFUSERS_DEFAULTS, "scheduler/scheduler_config.json")
         c = {**DIFFUSERS_DEFAULTS, **cfg}
         if c["trained_betas"] is not None:
             raise CogVXError("Scheduler configs with explicit trained_betas are not supported: CogVideoX uses the "

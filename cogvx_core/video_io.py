@@ -5,13 +5,16 @@ Frames are float tensors (T, H, W, 3) in [0, 1], ComfyUI's IMAGE layout.
 
 from __future__ import annotations
 
+import errno
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
+from .checks import check_frames, image_notes
 from .errors import CogVXError
+from .safe_write import atomic_path, check_fps, check_writable, fresh_folder, write_error
 
 VIDEO_SUFFIXES = (".mp4", ".webm", ".gif", ".mov", ".mkv", ".avi")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -22,28 +25,53 @@ def to_uint8(frames: torch.Tensor) -> np.ndarray:
     return (frames.detach().float().clamp(0, 1).cpu().numpy() * 255).round().astype(np.uint8)
 
 
-def write_frames(frames: torch.Tensor, out: str | Path, fps: int = 8) -> Path:
-    """Writes (T, H, W, 3) frames: .mp4/.webm/.gif as a video, any other path as a folder of lossless PNGs."""
+def write_frames(frames: torch.Tensor, out: str | Path, fps: float = 8) -> Path:
+    """Writes (T, H, W, 3) frames: .mp4/.webm/.gif as a video, any other path as a folder of lossless PNGs. Returns
+    the path written: a video is complete under its name or not there (the previous file stays); frames go to a new
+    folder, or to a numbered sub-folder of one that has files already (see safe_write.fresh_folder)."""
     out = Path(out)
+    fps = check_fps(fps)
+    check_frames(frames, "frames to write")
+    check_writable(out)
     data = to_uint8(frames)
     suffix = out.suffix.lower()
     if suffix in (".mp4", ".webm", ".gif"):
-        import imageio.v2 as imageio
+        with atomic_path(out) as tmp:
+            _encode(data, tmp, fps, out)
+        return out
+    out = fresh_folder(out)
+    with atomic_path(out) as tmp:
+        tmp.mkdir()
+        for i, frame in enumerate(data):
+            Image.fromarray(frame).save(tmp / f"{i:05d}.png")
+    return out
 
-        out.parent.mkdir(parents=True, exist_ok=True)
+
+def _encode(data: np.ndarray, path: Path, fps: float, name: Path) -> None:
+    """(T, H, W, 3) uint8 -> a video file; an encoder failure is a CogVXError naming the file and the cause."""
+    suffix = path.suffix.lower()
+    try:
         if suffix == ".gif":
-            Image.fromarray(data[0]).save(out, save_all=True, append_images=[Image.fromarray(f) for f in data[1:]],
-                                          duration=int(1000 / fps), loop=0)
+            Image.fromarray(data[0]).save(path, save_all=True, append_images=[Image.fromarray(f) for f in data[1:]],
+                                          duration=max(1, round(1000 / fps)), loop=0)
         else:
+            import imageio.v2 as imageio
+
             codec = "libvpx-vp9" if suffix == ".webm" else "libx264"
-            with imageio.get_writer(out, fps=fps, codec=codec, quality=8, macro_block_size=1) as writer:
+            with imageio.get_writer(path, fps=fps, codec=codec, quality=8, macro_block_size=1) as writer:
                 for frame in data:
                     writer.append_data(frame)
-        return out
-    out.mkdir(parents=True, exist_ok=True)
-    for i, frame in enumerate(data):
-        Image.fromarray(frame).save(out / f"{i:05d}.png")
-    return out
+    except OSError as e:  # a full disk kills ffmpeg: the pipe breaks
+        raise (_encode_failed(name, e) if e.errno in (None, errno.EPIPE) else write_error(name, e)) from None
+    except (RuntimeError, ValueError) as e:  # imageio-ffmpeg reports a dead ffmpeg as these
+        raise _encode_failed(name, e) from None
+
+
+def _encode_failed(name: Path, error: BaseException) -> CogVXError:
+    text = str(error).strip().splitlines()
+    first = text[0][:200] if text else type(error).__name__
+    return CogVXError(f"{name}: {name.suffix} encoding failed ({first}); nothing was written. Write a folder of PNG "
+                      "frames instead (an --out without a video suffix), or check the disk.")
 
 
 def read_image(path: str | Path) -> Image.Image:
@@ -54,6 +82,17 @@ def read_image(path: str | Path) -> Image.Image:
         return Image.open(path).convert("RGB")
     except Exception as e:  # PIL raises many types for bad files
         raise CogVXError(f"{path}: cannot read this image ({e}); use a PNG or JPEG file.")
+
+
+def read_image_notes(path: str | Path, target: tuple[int, int] | None = None) -> list[str]:
+    """checks.image_notes for an image file, read with its alpha and gray channels (read_image drops them)."""
+    with Image.open(path) as image:
+        if image.mode not in ("L", "LA", "RGB", "RGBA"):
+            image = image.convert("RGBA" if image.mode in ("P", "PA") or "transparency" in image.info else
+                                  "L" if image.mode in ("1", "I", "I;16", "F") else "RGB")
+        array = np.asarray(image).astype(np.float32) / 255.0
+    pixels = torch.from_numpy(array.reshape(*array.shape[:2], -1))  # (H, W, C)
+    return image_notes(pixels, target)
 
 
 def read_frames(path: str | Path) -> torch.Tensor:
@@ -73,9 +112,12 @@ def read_frames(path: str | Path) -> torch.Tensor:
         try:
             import imageio.v2 as imageio
 
-            data = np.stack([np.asarray(f)[..., :3] for f in imageio.mimread(path, memtest=False)])
+            decoded = [np.asarray(f)[..., :3] for f in imageio.mimread(path, memtest=False)]
         except Exception as e:
             raise CogVXError(f"{path}: cannot decode this video ({e}); the file may be corrupt.")
+        if not decoded:
+            raise CogVXError(f"{path}: this video has no frames; use a video with at least one frame.")
+        data = np.stack(decoded)
     else:
         raise CogVXError(f"{path}: no such video file or frame folder.")
     return torch.from_numpy(data).float() / 255.0

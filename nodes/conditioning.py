@@ -16,6 +16,7 @@ from .core import (
     encode_moments,
     frames_to_model_input,
     get_variant,
+    image_notes,
     is_released_size,
     latent_frames,
     pil_to_model_input,
@@ -200,6 +201,9 @@ class CogVXImageToVideo:
         height = height or int(start_image.shape[1])
         width = width or int(start_image.shape[2])
         f, h, w, notes = _snap(v, released, frames, height, width, unique_id)
+        for note in image_notes(start_image[0], (h, w)):
+            host.say(note, unique_id)
+            notes.append(note)
         images = [start_image] + ([end_image] if end_image is not None else [])
         moments = []
         for image in images:

@@ -25,6 +25,7 @@ caption = import_module(f"{_package.__name__}.caption")
 ddp = import_module(f"{_package.__name__}.train.ddp")
 
 [CogVXError] = _names("errors", "CogVXError")
+denoise_note, image_notes = _names("checks", "denoise_note image_notes")
 [Lora] = _names("checkpoints.lora", "Lora")
 [load_transformer] = _names("checkpoints.transformer", "load_transformer")
 [load_vae] = _names("checkpoints.vae", "load_vae")

@@ -16,6 +16,7 @@ from .core import (
     applied_loras,
     apply_loras,
     CogVXError,
+    denoise_note,
     fit_context,
     latent_shape,
     pixel_frames,
@@ -127,6 +128,8 @@ class CogVXSampler:
             raise CogVXError(f"{transformer.name} is a text-to-video model and cannot take image_cond: load an "
                              "image-to-video model (5B-I2V or 1.5-5B-I2V), or disconnect it.")
         video_to_video = denoise < 1.0
+        for note in denoise_note(denoise, empty_latent=not bool(samples.any())):
+            host.say(note, unique_id)
         if video_to_video and variant.i2v:
             raise CogVXError("denoise below 1 (video-to-video) works with text-to-video models only; set denoise to "
                              "1 for image-to-video.")

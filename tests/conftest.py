@@ -38,3 +38,26 @@ def _fresh_caption_cache():
     yield
     if caption is not None:
         caption.clear_cache()
+
+
+@pytest.fixture
+def tmpfs(tmp_path):
+    """tmpfs(size="512k", read_only=False) -> a freshly mounted small tmpfs folder, to fill up (a full disk) or to
+    refuse writes (read-only). Needs root, as CI has; the test skips and says why when mounting fails."""
+    import subprocess
+
+    mounted = []
+
+    def mount(size: str = "512k", read_only: bool = False) -> Path:
+        folder = tmp_path / f"tmpfs{len(mounted)}"
+        folder.mkdir()
+        options = f"{'ro,' if read_only else ''}size={size}"
+        r = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(folder)], capture_output=True)
+        if r.returncode != 0:
+            pytest.skip(f"cannot mount a small tmpfs here (needs root): {r.stderr.decode().strip()}")
+        mounted.append(folder)
+        return folder
+
+    yield mount
+    for folder in mounted:
+        subprocess.run(["umount", "-l", str(folder)], check=False)

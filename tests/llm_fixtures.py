@@ -123,7 +123,7 @@ class ChatServer:
             def do_POST(self):
                 body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
                 server.requests.append({"path": self.path, "headers": dict(self.headers), "body": json.loads(body)})
-                status, payload, delay = server.answers[min(len(server.requests), len(server.answers)) - 1]
+                status, payload, delay, *trickle = server.answers[min(len(server.requests), len(server.answers)) - 1]
                 if delay:
                     server.release.wait(delay)
                 try:
@@ -131,7 +131,14 @@ class ChatServer:
                     self.send_header("Content-Type", "application/json")
                     self.send_header("Content-Length", str(len(payload)))
                     self.end_headers()
-                    self.wfile.write(payload)
+                    if trickle:  # one byte at a time, each within any per-read timeout
+                        for i in range(len(payload)):
+                            self.wfile.write(payload[i:i + 1])
+                            self.wfile.flush()
+                            if server.release.wait(trickle[0]):
+                                break
+                    else:
+                        self.wfile.write(payload)
                 except OSError:  # the client gave up (timeout test)
                     pass
 
@@ -153,6 +160,10 @@ class ChatServer:
 
     def raw(self, payload: bytes, status=200, delay=0.0):
         self.answers.append((status, payload, delay))
+
+    def trickle(self, payload: bytes, every: float):
+        """An answer sent one byte every `every` seconds (a slow or stuck server)."""
+        self.answers.append((200, payload, 0.0, every))
 
     def start(self):
         self.thread.start()

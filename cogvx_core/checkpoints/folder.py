@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import CheckpointError
-from ..variants import Variant, detect_variant
+from ..variants import TRANSFORMER_DEFAULTS, VAE_DEFAULTS, Variant, detect_variant
 from .io import read_json
 
 PARTS = ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")
@@ -66,19 +66,13 @@ def read_model_folder(path: str | os.PathLike) -> ModelFolder:
                               "vae/, text_encoder/, tokenizer/, scheduler/). Point at the folder as downloaded.")
     parts = {name: (root / name if (root / name).is_dir() else None) for name in PARTS}
 
-    def config(part: str, name: str, what: str) -> tuple[dict | None, Path]:
+    def config(part: str, name: str, what: str, reference: dict | None) -> tuple[dict | None, Path]:
         file = root / part / name
-        if not file.is_file():
-            return None, file
-        cfg = read_json(file, what)
-        if not isinstance(cfg, dict):
-            raise CheckpointError(f"{file}: expected a JSON object, got {type(cfg).__name__}. Restore the file from "
-                                  "the model's download.")
-        return cfg, file
+        return (read_json(file, what, reference) if file.is_file() else None), file
 
-    transformer_cfg, transformer_file = config("transformer", "config.json", "transformer")
-    vae_cfg, vae_file = config("vae", "config.json", "VAE")
-    schedule_cfg, _ = config("scheduler", "scheduler_config.json", "scheduler")
+    transformer_cfg, transformer_file = config("transformer", "config.json", "transformer", TRANSFORMER_DEFAULTS)
+    vae_cfg, vae_file = config("vae", "config.json", "VAE", VAE_DEFAULTS)
+    schedule_cfg, _ = config("scheduler", "scheduler_config.json", "scheduler", None)  # NoiseSchedule checks it
     invert = (vae_cfg or {}).get("invert_scale_latents")
     return ModelFolder(
         root=root, transformer=parts["transformer"], vae=parts["vae"], text_encoder=parts["text_encoder"],

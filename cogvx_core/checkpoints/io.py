@@ -14,6 +14,7 @@ from typing import Callable, Iterable, Iterator
 import torch
 from safetensors import safe_open
 
+from ..checks import config_types, finite_tensor, json_object, require_keys
 from ..errors import CheckpointError
 
 PICKLE_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin", ".pkl")
@@ -55,10 +56,19 @@ class SafetensorsHeader:
                 header = json.loads(f.read(header_len))
             except (UnicodeDecodeError, json.JSONDecodeError) as e:
                 raise CheckpointError(f"{self.path}: the safetensors header is corrupt ({e}); download the file again.")
+        if not isinstance(header, dict):
+            raise CheckpointError(f"{self.path}: the safetensors header is not a JSON object; the file is corrupt or "
+                                  "of another format. Download it again.")
         self.metadata: dict = header.pop("__metadata__", None) or {}
+        if not isinstance(self.metadata, dict) or not all(isinstance(v, str) for v in self.metadata.values()):
+            raise CheckpointError(f"{self.path}: the safetensors __metadata__ must map names to strings; the file is "
+                                  "corrupt. Download it again.")
         self.tensors: dict[str, tuple[torch.dtype, tuple[int, ...]]] = {}
         end = 0
         for name, info in header.items():
+            if not _valid_entry(info):
+                raise CheckpointError(f"{self.path}: the header entry of tensor {name!r} is malformed ({info!r:.100}); "
+                                      "it needs dtype, shape and data_offsets. The file is corrupt; download it again.")
             dtype = _ST_DTYPES.get(info.get("dtype"))
             if dtype is None:
                 raise CheckpointError(f"{self.path}: tensor {name!r} has unsupported dtype {info.get('dtype')!r}.")
@@ -72,6 +82,15 @@ class SafetensorsHeader:
 
     def shapes(self) -> dict[str, tuple[int, ...]]:
         return {k: s for k, (_, s) in self.tensors.items()}
+
+
+def _valid_entry(info) -> bool:
+    def ints(v, n=None):
+        return isinstance(v, list) and (n is None or len(v) == n) and all(
+            isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in v)
+
+    return isinstance(info, dict) and isinstance(info.get("dtype"), str) and ints(info.get("shape")) \
+        and ints(info.get("data_offsets"), 2) and info["data_offsets"][0] <= info["data_offsets"][1]
 
 
 def open_headers(files: Iterable[str | os.PathLike]) -> list[SafetensorsHeader]:
@@ -121,6 +140,7 @@ def fill_module(module: torch.nn.Module, tensors: Iterable[tuple[str, torch.Tens
                 f"{source}: tensor {name} has shape {tuple(value.shape)} but this model needs {tuple(ref.shape)}; "
                 "the file belongs to another model or variant.")
         out = value.to(device=device, dtype=dtype_for(name, value))
+        finite_tensor(out, name, source)  # one reduction per tensor, on its device
         if out.data_ptr() == value.data_ptr():  # still the file's read-only mmap: own the memory, so that in-place
             out = out.clone()                   # updates (training, LoRA fusing) work and the file may change
         set_tensor(module, name, out)
@@ -133,15 +153,18 @@ def fill_module(module: torch.nn.Module, tensors: Iterable[tuple[str, torch.Tens
     return unexpected
 
 
-def read_json(path: str | os.PathLike, what: str) -> dict:
+def read_json(path: str | os.PathLike, what: str, reference: dict | None = None) -> dict:
+    """A JSON object file; with `reference` (a defaults dict) each of its keys must have the reference's type."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path.parent}: no {path.name} in this folder, so it is not a complete diffusers-format "
                               f"{what} folder. Download the folder again, or point at the folder that has {path.name}.")
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path}: not valid JSON ({e}); the file is corrupt.")
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e}); the file is corrupt.") from None
+    json_object(data, path)
+    return config_types(data, reference, path) if reference is not None else data
 
 
 def write_json(path: str | os.PathLike, data: dict) -> None:
@@ -158,7 +181,8 @@ def folder_weight_files(folder: str | os.PathLike, what: str) -> list[Path]:
     folder = Path(folder)
     index = sorted(folder.glob("*.safetensors.index.json"))
     if index:
-        weight_map = read_json(index[0], what).get("weight_map", {})
+        weight_map = json_object(require_keys(read_json(index[0], what), ["weight_map"], index[0])["weight_map"],
+                                 f"{index[0]} key 'weight_map'")
         files = [folder / n for n in dict.fromkeys(weight_map.values())]
         for f in files:
             if not f.is_file():

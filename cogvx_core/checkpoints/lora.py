@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from ..checks import finite_tensor
 from ..errors import CheckpointError, CogVXError
 from .io import SafetensorsHeader, iter_tensors
 from .transformer import COMFY_BLOCK_NAMES, COMFY_TOP_NAMES, detect_layout
@@ -141,6 +142,7 @@ class Lora:
     layout: str = "peft"  # "peft", "kohya", "comfy" or "sat": the naming most of its keys use
     metadata: dict[str, str] = field(default_factory=dict)
     identity: tuple = field(default_factory=lambda: ("memory", uuid.uuid4().hex))  # same file unchanged: same id
+    notes: list[str] = field(default_factory=list)  # warnings for the user (a missing, NaN or zero alpha)
 
     @property
     def name(self) -> str:
@@ -322,7 +324,28 @@ def lora_from_state_dict(state: dict[str, torch.Tensor], metadata: dict[str, str
         raise CogVXError(f"{source}: this LoRA matches no CogVideoX layer: it was made for another base model (its "
                          f"keys look like {sample}). Use a LoRA trained on CogVideoX.")
     return Lora(layers=dict(sorted(layers.items(), key=lambda kv: _natural(kv[0]))), unmatched=unmatched,
-                source=source, layout=layout, metadata=metadata)
+                source=source, layout=layout, metadata=metadata, notes=_alpha_notes(parts, layers, metadata, layout))
+
+
+def _alpha_notes(parts: dict, layers: dict[str, LoraLayer], metadata: dict[str, str], layout: str) -> list[str]:
+    """A missing, NaN, zero or negative alpha changes the LoRA's strength without a word otherwise."""
+    notes = []
+    bad = [slot["alpha"][0] for slot in parts.values() if "alpha" in slot
+           and _float(slot["alpha"][1].float().reshape(-1)[0]) is None]
+    bad += [f"metadata {k}={metadata[k]!r}" for k in ("cogvx.alpha", "lora_alpha", "alpha", "ss_network_alpha")
+            if k in metadata and _float(metadata[k]) is None]
+    if bad:
+        notes.append(f"alpha is not a finite number ({', '.join(bad[:3])}); those layers use scale 1 (alpha = rank). "
+                     "The file is damaged or was saved by a broken tool; check the LoRA's effect.")
+    elif layout != "sat" and any(layer.alpha is None for layer in layers.values()):
+        notes.append("the file gives no alpha; scale 1 (alpha = rank) is assumed, as diffusers and ComfyUI do. If the "
+                     "LoRA looks too strong or too weak, lower or raise its strength.")
+    off = sorted(n for n, layer in layers.items() if layer.alpha is not None and layer.alpha <= 0)
+    if off:
+        what = "zero, so these layers do nothing" if all(layers[n].alpha == 0 for n in off) else \
+            "zero or negative (a negative alpha inverts the LoRA)"
+        notes.append(f"alpha of {len(off)} layer(s) (e.g. {off[0]}) is {what}; the file may be damaged.")
+    return notes
 
 
 def _layer(name, down, up, alpha, alpha_rule, source, down_key, up_key) -> LoraLayer:
@@ -333,6 +356,8 @@ def _layer(name, down, up, alpha, alpha_rule, source, down_key, up_key) -> LoraL
     if down.shape[0] != up.shape[1]:
         raise CheckpointError(f"{source}: layer {name}: the down weight {down_key} has rank {down.shape[0]} but the up "
                               f"weight {up_key} has rank {up.shape[1]}; the file is corrupt.")
+    finite_tensor(down, down_key, source)
+    finite_tensor(up, up_key, source)
     if alpha is None:
         alpha = alpha_rule(name, down.shape[0])
     return LoraLayer(down=down, up=up, alpha=alpha)

@@ -13,9 +13,10 @@ from typing import Iterator
 
 import torch
 
+from ..checks import config_types, json_object
 from ..errors import CheckpointError
 from ..transformer import CogVideoXTransformer, build_transformer
-from ..variants import get_variant
+from ..variants import TRANSFORMER_DEFAULTS, get_variant
 from .io import SafetensorsHeader, fill_module, folder_weight_files, iter_tensors, read_json, refuse_pickle
 
 log = logging.getLogger(__name__)
@@ -189,7 +190,7 @@ def _resolve(path: str | Path) -> tuple[dict | None, list[Path], str]:
             raise CheckpointError(f"{path}: this folder has no config.json, so it is not a complete diffusers-format "
                                   "transformer folder. Download the folder again (config.json with the .safetensors "
                                   "weights), or point at a single .safetensors file instead.")
-        cfg = read_json(cfg_file, "transformer")
+        cfg = read_json(cfg_file, "transformer", TRANSFORMER_DEFAULTS)
         cls = cfg.get("_class_name", "CogVideoXTransformer3DModel")
         if cls != "CogVideoXTransformer3DModel":
             raise CheckpointError(f"{path}: config.json describes a {cls}, not a CogVideoX transformer.")
@@ -199,6 +200,17 @@ def _resolve(path: str | Path) -> tuple[dict | None, list[Path], str]:
     if path.suffix.lower() != ".safetensors":
         raise CheckpointError(f"{path}: not a .safetensors file or a diffusers folder.")
     return None, [path], str(path)
+
+
+def _meta_config(raw: str, source: str) -> dict:
+    """The config a single file carries in its "config" metadata (our own saves do)."""
+    try:
+        config = json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{source}: the 'config' metadata is not valid JSON ({e}); the file is "
+                              "corrupt.") from None
+    return config_types(json_object(config, f"{source} ('config' metadata)"), TRANSFORMER_DEFAULTS,
+                        f"{source} ('config' metadata)")
 
 
 def load_transformer(path: str | Path, dtype: torch.dtype | None = None, device: torch.device | str | None = None,
@@ -218,7 +230,7 @@ def load_transformer(path: str | Path, dtype: torch.dtype | None = None, device:
         meta = headers[0].metadata.get("config")
         shapes = {k: tuple(v.shape) for k, v in converted(
             layout, prefix, ((k, torch.empty(s, device="meta")) for h in headers for k, s in h.shapes().items()))}
-        config = json.loads(meta) if meta else infer_config(shapes, source, variant)
+        config = _meta_config(meta, source) if meta else infer_config(shapes, source, variant)
     float_dtypes = [d for h in headers for d, _ in h.tensors.values() if d.is_floating_point]
     file_fp8 = next((d for d in float_dtypes if d.itemsize == 1), None)
     wide = [d for d in float_dtypes if d.itemsize > 1]

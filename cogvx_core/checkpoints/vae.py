@@ -16,6 +16,7 @@ from typing import Callable
 
 import torch
 
+from ..checks import config_types
 from ..errors import CheckpointError
 from ..vae import CausalVAE, build_vae
 from ..variants import VAE_DEFAULTS
@@ -61,7 +62,7 @@ def load_vae(path: str | Path, dtype: torch.dtype | None = None, device: str | t
     refuse_pickle(path)
     if path.is_dir():
         folder = _vae_folder(path)
-        config = read_json(folder / "config.json", "VAE")
+        config = read_json(folder / "config.json", "VAE", VAE_DEFAULTS)
         _check_vae_config(config, folder)
         headers = open_headers(folder_weight_files(folder, "VAE"))
         shapes = {k: s for h in headers for k, s in h.shapes().items()}
@@ -168,6 +169,7 @@ def _single_file_config(header: SafetensorsHeader, shapes: dict[str, tuple[int, 
             raise CheckpointError(f"{source}: the 'config' metadata is not valid JSON ({e}); the file is corrupt.")
         if not isinstance(config, dict):
             raise CheckpointError(f"{source}: the 'config' metadata is not a JSON object; the file is corrupt.")
+        config_types(config, VAE_DEFAULTS, f"{source} ('config' metadata)")
         _check_vae_config(config, source)
         return config, "scaling_factor" in config
     return infer_vae_config(shapes, source), False

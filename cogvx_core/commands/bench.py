@@ -12,6 +12,7 @@ import time
 
 import torch
 
+from ..checks import parse_numbers
 from ..variants import get_variant, latent_frames
 from .common import require_reference
 
@@ -134,7 +135,7 @@ def run(args) -> int:
         from ..variants import VAE_DEFAULTS
         from .bench_vae import bench_vae
 
-        shape = tuple(int(n) for n in args.vae_latents.split(","))
+        shape = tuple(parse_numbers(args.vae_latents, "--vae-latents"))
         print(f"timing the VAE decode ({args.vae_repeats} run(s) each) ...", file=sys.stderr, flush=True)
         r = bench_vae(dict(VAE_DEFAULTS), shape, dtype=DTYPES[args.dtype], device=args.device,
                       repeats=args.vae_repeats)

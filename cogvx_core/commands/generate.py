@@ -7,7 +7,9 @@ from pathlib import Path
 
 import torch
 
+from ..checks import check_seed, parse_device, positive
 from ..errors import CogVXError
+from ..safe_write import check_fps, check_writable
 from .common import ProgressBar, parse_lora
 
 HELP = "generate a video from a prompt (and a start image or an input video)"
@@ -36,7 +38,7 @@ def add_arguments(p) -> None:
     p.add_argument("--seed", type=int, default=42, help="noise seed (the same seed gives the same video)")
     p.add_argument("--dtype", choices=list(DTYPES), help="compute dtype (default: the model's recommended)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--fps", type=int, help="frames per second of the written video (default: the model's)")
+    p.add_argument("--fps", type=float, help="frames per second of the written video (default: the model's)")
     p.add_argument("--lora", action="append", default=[], metavar="PATH[:STRENGTH]",
                    help="apply a LoRA (repeatable); strength defaults to 1.0")
     p.add_argument("--out", required=True, help=".mp4/.webm/.gif writes a video; any other path a folder of PNGs")
@@ -45,8 +47,17 @@ def add_arguments(p) -> None:
 def run(args) -> int:
     from ..pipeline import load_pipeline
     from ..variants import snap_request, snap_video
-    from ..video_io import frames_to_model_input, pil_to_model_input, read_frames, read_image, write_frames
+    from ..video_io import (frames_to_model_input, pil_to_model_input, read_frames, read_image, read_image_notes,
+                            write_frames)
 
+    # Everything a user typed is checked before minutes of loading and sampling, the output folder included.
+    for name in ("frames", "height", "width", "steps"):
+        positive(f"--{name}", getattr(args, name))
+    positive("--strength", args.strength, integer=False)
+    check_seed(args.seed)
+    if args.fps is not None:
+        check_fps(args.fps)
+    check_writable(args.out)
     if args.model is None:
         from ..models import TINY_MODEL, builtin_models
 
@@ -57,9 +68,7 @@ def run(args) -> int:
         args.model = str(TINY_MODEL)
     if not Path(args.model).exists():
         raise CogVXError(f"--model {args.model}: no such folder.")
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise CogVXError("--device cuda: no CUDA device is available; use --device cpu.")
+    device = parse_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = DTYPES[args.dtype] if args.dtype else None
     pipe = load_pipeline(args.model, dtype=dtype, device=device)
     variant = pipe.variant
@@ -82,6 +91,8 @@ def run(args) -> int:
         image = pil_to_model_input(read_image(args.image), height, width)[None].to(pipe.dtype)  # (1, 3, H, W)
         if args.end_image:
             end_image = pil_to_model_input(read_image(args.end_image), height, width)[None].to(pipe.dtype)
+        for note in read_image_notes(args.image, (height, width)):
+            print(f"note: {note}", file=sys.stderr)
     if args.video:
         frames = read_frames(args.video)  # (T, H, W, 3)
         available = min(args.frames or frames.shape[0], frames.shape[0])
@@ -96,5 +107,7 @@ def run(args) -> int:
     for note in notes:  # the pipeline's own notes were logged as they arose: printed once, not again here
         print(f"note: {note}", file=sys.stderr)
     out = write_frames(result.frames[0], args.out, fps=args.fps or variant.fps)
+    if out != Path(args.out):
+        print(f"note: {args.out} already has files; the frames went to {out}", file=sys.stderr)
     print(out)
     return 0

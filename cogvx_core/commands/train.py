@@ -15,7 +15,9 @@ import time
 
 import torch
 
+from ..checks import check_seed, parse_device, parse_numbers, positive
 from ..errors import CogVXError
+from ..safe_write import FolderLock, check_writable
 from .common import bar
 
 HELP = "train a LoRA on a folder of videos/images with captions"
@@ -121,18 +123,27 @@ def run(args) -> int:
                          "(transformer/, vae/, text_encoder/, tokenizer/); some are missing.")
     if not str(args.out).lower().endswith(".safetensors"):
         raise CogVXError(f"--out {args.out}: the output is a .safetensors file; use a name ending in .safetensors.")
+    for name in ("frames", "height", "width", "steps"):
+        positive(f"--{name}", getattr(args, name, None))
+    check_seed(args.seed)
+    if args.device:
+        parse_device(args.device)
+    check_writable(args.out)  # before hours of training, not after
     if args.resume and not args.checkpoint_dir:
         raise CogVXError("--resume needs --checkpoint-dir (the folder the interrupted run wrote its checkpoints to).")
 
     info = ddp.init_from_env(args.device)
     main = info.is_main
+    # Taken before minutes of loading and preparing, not when the trainer starts (the trainer shares it).
+    lock = FolderLock(args.checkpoint_dir, "training run", "use another --checkpoint-dir") \
+        if args.checkpoint_dir and main else None
     try:
         cuda = info.device.type == "cuda"
         dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if cuda else torch.float32)
         transformer = load_transformer(folder.transformer, dtype=dtype, device=info.device)
         variant = transformer.variant
         resolutions = parse_resolutions(args.buckets) if args.buckets else None
-        frame_counts = [int(v) for v in args.frame_buckets.split(",")] if args.frame_buckets else None
+        frame_counts = parse_numbers(args.frame_buckets, "--frame-buckets") if args.frame_buckets else None
         buckets = buckets_for(transformer, args.frames, args.height, args.width, resolutions, frame_counts)
         targets = tuple(t.strip() for t in args.targets.split(",") if t.strip())
         settings = TrainSettings(
@@ -202,6 +213,8 @@ def run(args) -> int:
         return 0
     finally:
         ddp.shutdown(info)
+        if lock is not None:
+            lock.release()
 
 
 class _Counter:

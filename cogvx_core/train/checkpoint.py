@@ -16,10 +16,12 @@ import shutil
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from ..checks import json_object, require_keys
 from ..errors import CogVXError
+from ..safe_write import damaged_checkpoint
 
 CHECKPOINT_FORMAT = 1
 STEP_PREFIX = "step-"
@@ -53,7 +55,7 @@ def training_state(trainer) -> tuple[dict, dict[str, torch.Tensor]]:
 def restore_training_state(trainer, path: Path) -> None:
     """Puts the checkpoint at `path` into `trainer`: weights, optimizer, RNG, step, history. Refuses a checkpoint of
     other settings, data, base model or number of processes."""
-    state, tensors = read_checkpoint(path)
+    state, tensors = read_checkpoint(path, ("format", "step", "settings", "optimizer_groups", "history"))
     check_compatible(trainer, state, path)
     with torch.no_grad():
         for n, p in zip(trainer.param_names, trainer.params):
@@ -170,12 +172,15 @@ def latest_checkpoint(root: str | os.PathLike, prefix: str = STEP_PREFIX) -> Pat
     return found[-1] if found else None
 
 
-def read_checkpoint(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
-    """(state.json's dict, the tensors) of the checkpoint folder `path`."""
+def read_checkpoint(path: Path, required: tuple[str, ...] = ("step",)) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(state.json's dict, the tensors) of the checkpoint folder `path`. A truncated or corrupt one (or a state without
+    the `required` keys) is named, and the newest earlier complete checkpoint offered."""
     try:
-        state = json.loads((path / "state.json").read_text())
+        state = json_object(json.loads((path / "state.json").read_text()), path / "state.json")
+        require_keys(state, required, path / "state.json")
         with safe_open(str(path / "trainable.safetensors"), framework="pt", device="cpu") as f:
             tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except (OSError, ValueError, RuntimeError) as e:
-        raise CogVXError(f"{path}: this checkpoint cannot be read ({e}); delete it to resume from the one before.")
+    except (OSError, ValueError, RuntimeError, SafetensorError, CogVXError) as e:
+        prefix = path.name.rstrip("0123456789")  # step- or vae-step-
+        raise damaged_checkpoint(path, e, list_checkpoints(path.parent, prefix)) from None
     return state, tensors

@@ -39,6 +39,7 @@ from safetensors.torch import save_file
 from ..checkpoints.lora import Lora, lora_from_state_dict
 from ..errors import CogVXError
 from ..lora import DEFAULT_TARGETS, add_trainable_lora, lora_state_dict, save_lora
+from ..safe_write import FolderLock, atomic_path, writing
 from ..schedule import NoiseSchedule
 from ..transformer import CogVideoXTransformer
 from . import ddp
@@ -184,6 +185,9 @@ class Trainer:
         self.dist = dist or ddp.DistInfo(device=transformer.device)
         self.device = self.dist.device
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else None
+        # One run per checkpoint folder (the main rank holds it for all): two would delete each other's checkpoints.
+        self._folder_lock = (FolderLock(self.checkpoint_dir, "training run", "use another --checkpoint-dir")
+                             if self.checkpoint_dir and self.dist.is_main else None)
 
         # the checks that can refuse the run come before the model is changed (a LoRA added)
         self.sampler = TimestepSampler(self.schedule.num_train_timesteps, settings.timestep_sampling,
@@ -441,7 +445,9 @@ class Trainer:
         path = None
         if self.dist.is_main:
             state, tensors = training_state(self)
-            path = write_checkpoint(self.checkpoint_dir, self.step, tensors, state, keep=self.settings.keep_checkpoints)
+            with writing(self.checkpoint_dir):  # a full disk: the previous checkpoints stay, and the error says so
+                path = write_checkpoint(self.checkpoint_dir, self.step, tensors, state,
+                                        keep=self.settings.keep_checkpoints)
         ddp.barrier(self.dist)
         return path
 
@@ -515,8 +521,6 @@ def _save_full(path, transformer, metadata: dict, dtype) -> Path:
     state = {k: v.detach().to("cpu", dtype or v.dtype).contiguous() for k, v in transformer.state_dict().items()
              if ".lora_adapters." not in k}
     meta = {"format": "pt", "config": json.dumps({k: v for k, v in transformer.config.items()}), **metadata}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(state, str(tmp), metadata=meta)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        save_file(state, str(tmp), metadata=meta)
     return path

@@ -28,7 +28,7 @@ def folders(tmp_path_factory):
 
 
 def _ours(tmp_path, folder, *extra):
-    out = tmp_path / "frames"
+    out = tmp_path / f"frames{len(list(tmp_path.glob('frames*')))}"  # a new folder per run (frames never mix)
     rc = main(["generate", "--model", str(folder), "--prompt", PROMPT, "--steps", str(STEPS), "--frames", str(FRAMES),
                "--seed", str(SEED), "--dtype", "float32", "--device", "cpu", "--out", str(out), *extra])
     assert rc == 0

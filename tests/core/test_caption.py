@@ -7,6 +7,7 @@ import json
 import re
 import shutil
 import socket
+import time
 
 import pytest
 import torch
@@ -369,6 +370,16 @@ def test_http_errors_name_the_url_and_the_fix(server, answer, message):
     with pytest.raises(CogVXError, match=message) as info:
         caption.upsample("a fox", backend)
     assert server.base_url + "/chat/completions" in str(info.value) and "\n" not in str(info.value)
+
+
+def test_timeout_holds_for_the_whole_answer_not_each_byte(server):
+    """A server trickling a byte every 0.1 s never trips a 0.5 s per-read timeout; the whole answer must."""
+    server.trickle(b'{"choices": [{"message": {"content": "' + b"x" * 200 + b'"}}]}', every=0.1)
+    backend = caption.OpenAIBackend(server.base_url, "m", timeout=0.5)
+    start = time.monotonic()
+    with pytest.raises(CogVXError, match=r"no answer within 0\.5 s"):
+        backend.chat([{"role": "user", "content": "hi"}], max_new_tokens=8)
+    assert time.monotonic() - start < 1.5
 
 
 def test_http_connection_refused():
