@@ -19,6 +19,7 @@ from typing import Callable
 import torch
 
 from .errors import CancelledError, CheckpointError, CogVXError
+from .offload import Offload
 from .samplers import SAMPLERS, randn_like_reference, sample
 from .schedule import NoiseSchedule
 from .transformer import CogVideoXTransformer
@@ -135,9 +136,11 @@ def decode(vae, latents: torch.Tensor, variant: Variant, *, tiled: bool | None =
 class CogVideoXPipeline:
     """transformer + VAE (+ text encoder, schedule): generate(prompt, ...) -> Generation."""
 
-    def __init__(self, transformer: CogVideoXTransformer, vae, text_encoder=None, schedule: NoiseSchedule | None = None):
+    def __init__(self, transformer: CogVideoXTransformer, vae, text_encoder=None, schedule: NoiseSchedule | None = None,
+                 offload: Offload | None = None):
         self.transformer, self.vae, self.text_encoder = transformer, vae, text_encoder
         self.schedule = schedule or NoiseSchedule.for_variant(transformer.variant)
+        self.offload = offload or Offload()  # where each model runs; mode none: where it was loaded
 
     @property
     def variant(self) -> Variant:
@@ -145,6 +148,9 @@ class CogVideoXPipeline:
 
     @property
     def device(self) -> torch.device:
+        """The compute device (the models may wait on the CPU between stages when offloaded)."""
+        if self.offload.mode != "none" and self.offload.device is not None:
+            return self.offload.device
         return self.transformer.device
 
     @property
@@ -157,8 +163,9 @@ class CogVideoXPipeline:
             raise CogVXError("This pipeline has no text encoder: load one, or pass prompt embeddings.")
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
-        cond = self.text_encoder.encode(prompts, dtype=self.dtype, device=self.device)
-        uncond = self.text_encoder.encode(negatives, dtype=self.dtype, device=self.device)
+        with self.offload.stage(self.text_encoder.model, device=self.offload.text_device):
+            cond = self.text_encoder.encode(prompts, dtype=self.dtype, device=self.device)
+            uncond = self.text_encoder.encode(negatives, dtype=self.dtype, device=self.device)
         return cond, uncond
 
     @torch.no_grad()  # inference kernels, as the reference's __call__; no activations kept
@@ -221,12 +228,14 @@ class CogVideoXPipeline:
                                  f"{frames - 4} or {frames + 4} frames.")
             timesteps = self.schedule.strength_timesteps(timesteps, strength)
             sf, _ = scaling(self.vae, variant)
-            init = sf * encode_condition(self.vae, video, generator, dtype).to(device)
+            with self.offload.stage(self.vae):
+                init = sf * encode_condition(self.vae, video, generator, dtype).to(device)
             noise = randn_like_reference(shape, generator, dtype, device)
             latents = self.schedule.add_noise(init, noise, int(timesteps[0]))
         else:
             if image is not None:
-                image_latents = image_condition(transformer, self.vae, image, shape, generator, dtype).to(device)
+                with self.offload.stage(self.vae):
+                    image_latents = image_condition(transformer, self.vae, image, shape, generator, dtype).to(device)
             latents = randn_like_reference(shape, generator, dtype, device)
 
         def on_step(i, n, x, x0):
@@ -235,20 +244,29 @@ class CogVideoXPipeline:
             if cancel is not None and cancel():
                 raise CancelledError("generation cancelled")
 
-        latents = denoise(transformer, latents, cond=cond, uncond=uncond, schedule=self.schedule,
-                          timesteps=timesteps, num_steps=steps, sampler=sampler, guidance=guidance,
-                          dynamic_cfg=dynamic_cfg, generator=generator, image_latents=image_latents,
-                          callback=on_step)
+        with self.offload.stage(transformer, transformer=True):
+            latents = denoise(transformer, latents, cond=cond, uncond=uncond, schedule=self.schedule,
+                              timesteps=timesteps, num_steps=steps, sampler=sampler, guidance=guidance,
+                              dynamic_cfg=dynamic_cfg, generator=generator, image_latents=image_latents,
+                              callback=on_step)
         latents = latents[:, :, pad:]
-        frames_out = decode(self.vae, latents, variant, **tile_args) if decode_frames else None
+        frames_out = None
+        if decode_frames:
+            with self.offload.stage(self.vae):
+                frames_out = decode(self.vae, latents, variant, **tile_args)
         sf, _ = scaling(self.vae, variant)
         return Generation(frames_out, latents / sf, frames, height, width, notes)
 
 
 def load_pipeline(path: str | Path, dtype: torch.dtype | None = None, device: torch.device | str | None = None,
+                  offload: Offload | None = None, text_weight_dtype: torch.dtype | None = None,
                   **transformer_kwargs) -> CogVideoXPipeline:
     """A whole diffusers-format model folder (model_index.json, transformer/, vae/, text_encoder/, tokenizer/,
-    scheduler/), as the released models are downloaded."""
+    scheduler/), as the released models are downloaded.
+
+    offload: with a mode other than none the models are loaded to the CPU and run on `offload.device` (default
+    `device`); `text_weight_dtype` (fp8) stores T5's big weights in fp8. Extra keywords go to `load_transformer`
+    (`weight_dtype`, `attention`, `operations`)."""
     from .checkpoints.io import read_json
     from .checkpoints.transformer import load_transformer
     from .checkpoints.vae import load_vae
@@ -262,14 +280,21 @@ def load_pipeline(path: str | Path, dtype: torch.dtype | None = None, device: to
     if missing:
         raise CheckpointError(f"{root}: missing the {' and '.join(missing)} folder(s); this is not a complete "
                               "diffusers-format CogVideoX folder. Download it again.")
+    offload = offload or Offload()
+    if offload.mode != "none":
+        offload.device = torch.device(offload.device or device or "cpu")
+        device = "cpu"  # each model goes to offload.device only while it runs
+    text_device = offload.text_device if offload.text_device is not None and offload.mode == "none" else device
+    operations = transformer_kwargs.get("operations")
     transformer = load_transformer(root / "transformer", dtype=dtype, device=device, **transformer_kwargs)
     dtype = transformer.dtype
-    vae = load_vae(root / "vae", dtype=dtype, device=device)
+    vae = load_vae(root / "vae", dtype=dtype, device=device, operations=operations)
     text_encoder = None
     if (root / "text_encoder").is_dir():
-        text_encoder = load_text_encoder(root, dtype=dtype, device=device,
-                                         max_length=transformer.config["max_text_seq_length"])
+        text_encoder = load_text_encoder(root, dtype=dtype, device=text_device, operations=operations,
+                                         max_length=transformer.config["max_text_seq_length"],
+                                         weight_dtype=text_weight_dtype)
     schedule = None
     if (root / "scheduler" / "scheduler_config.json").is_file():
         schedule = NoiseSchedule.from_config(read_json(root / "scheduler" / "scheduler_config.json", "scheduler"))
-    return CogVideoXPipeline(transformer, vae, text_encoder, schedule)
+    return CogVideoXPipeline(transformer, vae, text_encoder, schedule, offload)
