@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from ..errors import CogVXError
+from . import memory_args
 
 HELP = "generate a video from a prompt (and a start image or an input video)"
 
@@ -36,7 +37,9 @@ def add_arguments(p) -> None:
     p.add_argument("--fps", type=int, help="frames per second of the written video (default: the model's)")
     p.add_argument("--lora", action="append", default=[], metavar="PATH[:STRENGTH]",
                    help="apply a LoRA (repeatable); strength defaults to 1.0")
-    p.add_argument("--out", required=True, help=".mp4/.webm/.gif writes a video; any other path a folder of PNGs")
+    p.add_argument("--out", help=".mp4/.webm/.gif writes a video; any other path a folder of PNGs (required "
+                   "unless --plan)")
+    memory_args.add_arguments(p)
 
 
 class _Bar:
@@ -82,7 +85,13 @@ def run(args) -> int:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise CogVXError("--device cuda: no CUDA device is available; use --device cpu.")
     dtype = DTYPES[args.dtype] if args.dtype else None
-    pipe = load_pipeline(args.model, dtype=dtype, device=device)
+    memory = memory_args.resolve(args, args.model, device, dtype, has_image=bool(args.image))
+    if args.plan:
+        return 0
+    if not args.out:
+        raise CogVXError("--out is required (a .mp4/.webm/.gif file or a folder for PNG frames).")
+    pipe = load_pipeline(args.model, dtype=dtype, device=device, offload=memory.offload,
+                         text_weight_dtype=memory.text_weight_dtype, weight_dtype=args.weight_dtype)
     variant = pipe.variant
     if args.lora:
         from ..lora import apply_loras, load_lora
@@ -110,7 +119,7 @@ def run(args) -> int:
     result = pipe.generate(args.prompt, args.negative_prompt, image=image, video=video, strength=args.strength,
                            frames=args.frames, height=height, width=width, steps=args.steps,
                            guidance=args.guidance, dynamic_cfg=args.dynamic_cfg, sampler=args.sampler,
-                           seed=args.seed, progress=_Bar("sampling"))
+                           seed=args.seed, progress=_Bar("sampling"), **memory.tile_args)
     for note in result.notes:
         print(f"note: {note}", file=sys.stderr)
     out = write_frames(result.frames[0], args.out, fps=args.fps or variant.fps)
