@@ -269,25 +269,51 @@ DECODE_FRAME_UNITS = 8.4  # (B, 1, H, W) x C0 tensors per chunk frame at the dec
 
 def decode_activations(vae_config: dict, batch: int, latent_frames: int, height: int, width: int,
                        dtype: torch.dtype, tile: tuple[int, int] | None = None) -> int:
-    """Peak bytes of decoding (B, 16, latent_frames, height/8, width/8): the largest tile's chunk at full
-    resolution, the conv frame caches, the output video (and with tiles the two rows of finished tiles), and the
-    pipeline's conversion of the video to [0, 1] float frames."""
+    """Peak bytes of decoding (B, 16, latent_frames, height/8, width/8) and the pipeline's conversion of the video to
+    [0, 1] float frames. Tile by tile (row-major, as the VAE runs them): the tile's chunk work at full resolution,
+    plus what is held meanwhile: the previous row and the current row of finished tiles, and the output video."""
     cfg = {**_vae_defaults(), **vae_config}
     e = dtype.itemsize
     frames = _pixel_frames(cfg, latent_frames)
-    th, tw = (height, width) if tile is None else (min(tile[0], height), min(tile[1], width))
-    unit = batch * th * tw * cfg["block_out_channels"][0] * e  # one full-resolution frame of C0 channels
-    # The first chunk (2 latent frames + the odd remainder) runs without frame caches; later ones (2 latent frames,
-    # 8 pixel frames) with every causal conv's 2 cached frames.
-    first = _pixel_frames(cfg, latent_frames if latent_frames < 2 else 2 + latent_frames % 2)
-    work = DECODE_FRAME_UNITS * first * unit
-    if latent_frames >= 4:
-        caches = 2 * _decoder_cache_channels(cfg) * batch * th * tw * e
-        work = max(work, DECODE_FRAME_UNITS * 8 * unit + caches)
     video = batch * 3 * frames * height * width * e
-    rows = 0 if tile is None else 2 * batch * 3 * frames * th * width * e  # the previous and the current row
-    convert = video * 2 + batch * 3 * frames * height * width * 4  # /2 + 0.5, clamp, float()
-    return int(max(work + video + rows, video + convert))
+    # The first chunk (2 latent frames + the odd remainder) runs without frame caches; later ones (2 latent frames,
+    # 8 pixel frames) with every causal conv's 2 cached frames and the tile's output buffer.
+    first = _pixel_frames(cfg, latent_frames if latent_frames < 2 else 2 + latent_frames % 2)
+
+    def tile_peak(th: int, tw: int, held: int) -> int:
+        unit = batch * th * tw * cfg["block_out_channels"][0] * e  # one full-resolution frame of C0 channels
+        peak = held + DECODE_FRAME_UNITS * first * unit
+        if latent_frames >= 4:
+            caches = 2 * _decoder_cache_channels(cfg) * batch * th * tw * e
+            peak = max(peak, held + batch * 3 * frames * th * tw * e + DECODE_FRAME_UNITS * 8 * unit + caches)
+        return int(peak)
+
+    if tile is None:
+        peak = tile_peak(height, width, 0)
+    else:
+        rows, cols = tile_grid(cfg, height // 8, width // 8, tile)
+        peak, above = 0, []
+        for r, th in enumerate(rows):
+            row = []
+            for tw in cols:
+                held = sum(above) + sum(row) + (video if r or row else 0)  # the output exists after the first tile
+                peak = max(peak, tile_peak(th, tw, held))
+                row.append(batch * 3 * frames * th * tw * e)
+            above = row
+    convert = 2 * video + batch * 3 * frames * height * width * (4 if e < 4 else e)  # / 2 + 0.5, clamp, float()
+    return int(max(peak, convert))
+
+
+def tile_grid(vae_config: dict, latent_h: int, latent_w: int, tile: tuple[int, int]) -> tuple[list[int], list[int]]:
+    """Output pixel heights of the tile rows and widths of the tile columns of a tiled decode (the VAE's default
+    overlaps, 1/6 and 1/5)."""
+    f = 2 ** (len(vae_config["block_out_channels"]) - 1)
+    sizes = []
+    for extent, pixels, overlap in ((latent_h, tile[0], 1 / 6), (latent_w, tile[1], 1 / 5)):
+        latent = int(pixels / f)
+        stride = int(latent * (1 - overlap))
+        sizes.append([f * min(latent, extent - i) for i in range(0, extent, stride)])
+    return sizes[0], sizes[1]
 
 
 def _pixel_frames(vae_config: dict, latent_frames: int) -> int:
