@@ -3,10 +3,8 @@ anything is loaded. It drives `--offload auto`, the decode's tile size and `gene
 
 A stage's peak = the weights on the device during the stage + the activations of its largest moment:
   weights      exact: the models are built on the meta device and their tensors counted in their storage dtypes;
-  sampling     the transformer's peak is inside the feed-forward of a block: the tokens x, the modulated norm, the
-               4x-wide projection and its GELU output = 10 (B, S, D) tensors (B doubled by CFG, S = text + video
-               tokens), plus the position tables and the sampler's latents. Attention is assumed to run a
-               memory-efficient kernel (flash / efficient SDPA: no S x S matrix), as torch picks on CUDA;
+  sampling     one transformer call (`transformer.forward_activation_bytes`: the peak is inside a block's
+               feed-forward) plus the sampler's latents;
   decode       per tile, the decoder's largest moment is at full resolution, in the first resnet of its last up
                block; it is counted in (B, frames of one chunk, H, W) "pixel units" times channels (see
                `DECODE_UNITS`), plus the frame caches of the causal convs and the output video;
@@ -28,7 +26,6 @@ from .errors import CogVXError
 GiB = 1024**3
 T5_XXL = dict(vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
               feed_forward_proj="gated-gelu", relative_attention_num_buckets=32)
-FF_UNITS = 10  # (B, S, D) tensors alive inside a block's feed-forward (x, normed, 4 + 4 for proj and GELU)
 MARGIN = 256 * 1024**2  # CUDA context-free slack the planner keeps: allocator rounding, kernels' workspaces
 
 
@@ -126,6 +123,11 @@ class Plan:
 
     def fits(self, budget: int) -> bool:
         return self.peak + MARGIN <= budget
+
+    def decode_kwargs(self) -> dict:
+        """The decode's tile settings as `CogVideoXPipeline.generate` / `CausalVAE.decode` take them."""
+        tile = self.request.tile
+        return {} if tile is None else dict(tiled=True, tile_sample_min_height=tile[0], tile_sample_min_width=tile[1])
 
     def describe(self) -> str:
         r = self.request
@@ -232,21 +234,13 @@ def latent_grid(config: dict, frames: int, height: int, width: int) -> tuple[int
 
 def sampling_activations(config: dict, batch: int, frames: int, height: int, width: int, dtype: torch.dtype,
                          cfg: bool = True, text_length: int = 226) -> int:
-    """Peak activation bytes of one transformer call plus the sampler's latents (see the module docstring)."""
-    cfg_all = {**config}
-    p, pt = cfg_all.get("patch_size", 2), cfg_all.get("patch_size_t") or 1
-    t, h, w = latent_grid(cfg_all, frames, height, width)
-    video = (t // pt) * (h // p) * (w // p)
-    tokens = text_length + video
-    dim = cfg_all["num_attention_heads"] * cfg_all["attention_head_dim"]
-    b = batch * (2 if cfg else 1)
-    total = FF_UNITS * b * tokens * dim * dtype.itemsize
-    if cfg_all.get("use_rotary_positional_embeddings"):
-        total += video * cfg_all["attention_head_dim"] // 2 * 8  # cached complex64 rotations
-    elif not cfg_all.get("use_learned_positional_embeddings"):
-        total += (video + tokens) * dim * 8  # the 2b fp64 sin-cos table: cached, and its text-padded copy
-    latents = batch * cfg_all.get("in_channels", 16) * t * h * w * max(dtype.itemsize, 4)
-    return total + 8 * latents  # noise, x, x0 and the CFG copies of the sampler
+    """Peak activation bytes of one transformer call (`forward_activation_bytes`) plus the sampler's latents."""
+    from .transformer import forward_activation_bytes
+
+    t, h, w = latent_grid(config, frames, height, width)
+    latents = batch * config.get("in_channels", 16) * t * h * w * max(dtype.itemsize, 4)
+    forward = forward_activation_bytes(config, (batch, 16, t, h, w), dtype, guidance=cfg, text_length=text_length)
+    return forward + 8 * latents  # noise, x, x0 and the CFG copies of the sampler
 
 
 def _decoder_cache_channels(config: dict) -> int:

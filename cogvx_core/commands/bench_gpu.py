@@ -182,8 +182,7 @@ def _run_case(case: Case, args, device: torch.device, models: dict, reference: d
     text = transformer.config["max_text_seq_length"], transformer.config["text_embed_dim"]
     g = torch.Generator().manual_seed(0)
     cond, uncond = torch.randn(1, *text, generator=g).to(dtype), torch.randn(1, *text, generator=g).to(dtype)
-    tiles = {} if r.tile is None else dict(tiled=True, tile_sample_min_height=r.tile[0],
-                                           tile_sample_min_width=r.tile[1])
+    tiles = chosen.decode_kwargs()
     if not args.no_warmup:  # kernels' first-call costs (cuBLAS, allocator) out of the timed run
         pipe.generate(cond=cond, uncond=uncond, frames=frames, height=height, width=width, steps=1, seed=0,
                       decode_frames=False)

@@ -80,6 +80,4 @@ def resolve(args, model: str, device: torch.device, dtype: torch.dtype | None, h
               f"{budget / 2**30:.2f} GiB even with {chosen.describe()}; running anyway.", file=sys.stderr)
     offload = Offload(r.offload, device=device, resident=r.resident, prefetch=r.prefetch,
                       text_device="cpu" if r.text_device == "cpu" else None)
-    tile_args = {} if r.tile is None else dict(tiled=True, tile_sample_min_height=r.tile[0],
-                                               tile_sample_min_width=r.tile[1])
-    return MemorySettings(offload, tile_args, text_weight_dtype, chosen)
+    return MemorySettings(offload, chosen.decode_kwargs(), text_weight_dtype, chosen)
