@@ -178,6 +178,13 @@ class Offload:
         if self.device is not None:
             self.device = torch.device(self.device)
 
+    @classmethod
+    def from_plan(cls, plan, device: torch.device | str) -> "Offload":
+        """The settings a `memory_plan.Plan` chose (mode, resident blocks, prefetch, where T5 runs) on `device`."""
+        r = plan.request
+        return cls(r.offload, device=device, resident=r.resident, prefetch=r.prefetch,
+                   text_device="cpu" if r.text_device == "cpu" else None)
+
     @contextlib.contextmanager
     def stage(self, module: nn.Module | None, *, transformer: bool = False, device=None):
         """Runs the body with `module` on its compute device (`device`, default `self.device`) and puts it back on

@@ -242,7 +242,8 @@ def _keeps_fp32(name: str) -> bool:
 
 # Matmul weights that may be stored in fp8 (computed in `dtype` by the operations' Linear). Not `wo`: transformers
 # casts the FF activations to wo's dtype, and not the embeddings or norms.
-_FP8_STORABLE = re.compile(r"encoder\.block\.\d+\.layer\.\d+\.(SelfAttention\.[qkvo]|DenseReluDense\.wi(_[01])?)\.weight$")
+_FP8_STORABLE = re.compile(
+    r"encoder\.block\.\d+\.layer\.\d+\.(SelfAttention\.[qkvo]|DenseReluDense\.wi(_[01])?)\.weight$")
 
 
 def build_t5_encoder(config, tensors, *, dtype: torch.dtype, device: torch.device | str, source: str,

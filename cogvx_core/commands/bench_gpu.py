@@ -6,9 +6,12 @@ and memory budget, with the settings the planner picks for that budget (resident
 
   5b-none      49x480x720, offload none, decode at the tiles the card's free memory allows
   5b-8gb       the same under an 8 GiB budget (bf16)              target: peak <= 8 GiB, time <= 1.25 x 5b-none
-  5b-6gb       the same under 6 GiB (bf16)
+  5b-6gb       the same under 6 GiB (bf16), sampling only
   5b-fp8-6gb   fp8 weight storage under 6 GiB                     target: peak <= 6 GiB
-  1.5-12gb     1.5 at 81x768x1360 under 12 GiB, a few steps      target: peak <= 12 GiB
+  1.5-12gb     1.5 at 81x768x1360 under 12 GiB, a few steps,     target: peak <= 12 GiB
+               sampling only (--decode-all decodes every case)
+The first case runs one untimed step first (CUDA's first-call costs). Estimated on an H100 at the default steps:
+about 6-7 minutes. The JSON and markdown are rewritten after every case, so a run cut short keeps what it measured.
 
 Per case: sampling and decode time, the peak device memory of each stage (CUDA: torch.cuda.max_memory_allocated;
 CPU: live tensor bytes, which counts activations and streamed block copies, not resident weights) beside the
@@ -43,15 +46,16 @@ class Case:
     budget_gib: float | None  # None: the device's free memory (CPU: no budget)
     fp8: bool = False
     short: bool = False  # runs --short-steps instead of --steps
+    decode: bool = True
     target: str = ""
 
 
 CASES = [
     Case("5b-none", "5b", 49, 480, 720, None, target="reference time"),
     Case("5b-8gb", "5b", 49, 480, 720, 8, target="peak <= 8 GiB, time <= 1.25x 5b-none"),
-    Case("5b-6gb", "5b", 49, 480, 720, 6, short=True),
+    Case("5b-6gb", "5b", 49, 480, 720, 6, short=True, decode=False),
     Case("5b-fp8-6gb", "5b", 49, 480, 720, 6, fp8=True, short=True, target="peak <= 6 GiB"),
-    Case("1.5-12gb", "1.5-5b", 81, 768, 1360, 12, short=True, target="peak <= 12 GiB"),
+    Case("1.5-12gb", "1.5-5b", 81, 768, 1360, 12, short=True, decode=False, target="peak <= 12 GiB (sampling)"),
 ]
 
 # --small: the same cases on a small model of the same architecture, sized so that its weights matter as they do
@@ -73,7 +77,8 @@ def add_arguments(p) -> None:
                    help="steps of the other cases (default 10; their 50-step time is extrapolated)")
     p.add_argument("--steps-15", type=int, default=3, help="steps of the 1.5 case (default 3)")
     p.add_argument("--prefetch", type=int, default=1)
-    p.add_argument("--no-warmup", action="store_true", help="skip each case's untimed 1-step warm-up")
+    p.add_argument("--no-warmup", action="store_true", help="skip the first case's untimed 1-step warm-up")
+    p.add_argument("--decode-all", action="store_true", help="decode in every case (default: not 5b-6gb, 1.5)")
     p.add_argument("--cases", default=",".join(c.name for c in CASES), help="comma-separated case names")
 
 
@@ -171,11 +176,12 @@ def _run_case(case: Case, args, device: torch.device, models: dict, reference: d
         budget = int(torch.cuda.mem_get_info(device)[0]) if device.type == "cuda" else None
     else:
         budget = int(case.budget_gib * GiB)
-    chosen = choose(request, budget) if budget is not None else plan(request)
+    # T5 does not run here (random prompt embeddings): plans keep it off the device.
+    chosen = choose(request, budget, text_devices=("cpu",)) if budget is not None else plan(request)
     if case.budget_gib is None:
         reference["none_peak"] = plan(replace(chosen.request, offload="none", tile=None)).stage("sampling").peak
     r = chosen.request
-    offload = Offload(r.offload, device=device, resident=r.resident, prefetch=r.prefetch, text_device="cpu")
+    offload = Offload.from_plan(chosen, device)
     if r.offload == "none":
         transformer.to(device), vae.to(device)
     pipe = CogVideoXPipeline(transformer, vae, None, offload=offload)
@@ -183,7 +189,8 @@ def _run_case(case: Case, args, device: torch.device, models: dict, reference: d
     g = torch.Generator().manual_seed(0)
     cond, uncond = torch.randn(1, *text, generator=g).to(dtype), torch.randn(1, *text, generator=g).to(dtype)
     tiles = chosen.decode_kwargs()
-    if not args.no_warmup:  # kernels' first-call costs (cuBLAS, allocator) out of the timed run
+    if not args.no_warmup and not reference.get("warm"):  # first-call costs (cuBLAS, allocator) out of the timing
+        reference["warm"] = True
         pipe.generate(cond=cond, uncond=uncond, frames=frames, height=height, width=width, steps=1, seed=0,
                       decode_frames=False)
     meter = _Meter(device)
@@ -193,9 +200,10 @@ def _run_case(case: Case, args, device: torch.device, models: dict, reference: d
     start = meter.now()
     if meter.live is not None:
         meter.live.__enter__()
+    decode = case.decode or args.decode_all
     try:
         result = pipe.generate(cond=cond, uncond=uncond, frames=frames, height=height, width=width, steps=steps,
-                               seed=0, progress=meter.progress, **tiles)
+                               seed=0, progress=meter.progress, decode_frames=decode, **tiles)
     finally:
         if meter.live is not None:
             meter.live.__exit__(None, None, None)
@@ -212,6 +220,8 @@ def _run_case(case: Case, args, device: torch.device, models: dict, reference: d
     predicted = {s.name: s.peak for s in chosen.stages}
     if not meter.cuda:  # live bytes see activations and streamed copies, not the weights already in place
         predicted = {s.name: s.activations + _streamed_bytes(chosen, s.name) for s in chosen.stages}
+    if not decode:
+        meter.peaks["decode"] = predicted["decode"] = 0
     del result
     return dict(case=case.name, target=case.target, settings=chosen.describe(), budget=budget, steps=steps,
                 sampling_s=round(sampling_s, 2), s_per_step=round(sampling_s / steps, 3),
@@ -245,8 +255,17 @@ def _configs(variant: str, small: bool) -> tuple[dict, dict]:
     return tcfg, vcfg
 
 
+def _size(n: int) -> str:
+    return f"{n / GiB:.2f} GiB" if n >= GiB else f"{n / 2**20:.1f} MiB"
+
+
+def _versus(measured: int, predicted: int) -> str:
+    if not predicted:
+        return "-"
+    return f"{_size(measured)} / {_size(predicted)} ({predicted / max(measured, 1) - 1:+.1%})"
+
+
 def _table(rows: list[dict]) -> str:
-    mb = lambda n: f"{n / GiB:.2f} GiB" if n >= GiB else f"{n / 2**20:.1f} MiB"  # noqa: E731
     head = ("| case | settings | steps | sampling s (50-step) | decode s | sampling peak: measured / predicted | "
             "decode peak: measured / predicted | same latents | target |")
     lines = [head, "|" + "---|" * 9]
@@ -254,12 +273,12 @@ def _table(rows: list[dict]) -> str:
         if "error" in r:
             lines.append(f"| {r['case']} | error: {r['error']} | | | | | | | {r['target']} |")
             continue
+        same = "-" if r["same_latents_as_none"] is None else r["same_latents_as_none"]
+        decode_s = r["decode_s"] if r["predicted_decode"] else "-"
         lines.append(
-            f"| {r['case']} | {r['settings']} | {r['steps']} | {r['sampling_s']} ({r['sampling_s_50']}) | "
-            f"{r['decode_s']} | {mb(r['measured_sampling'])} / {mb(r['predicted_sampling'])} "
-            f"({r['predicted_sampling'] / max(r['measured_sampling'], 1) - 1:+.1%}) | {mb(r['measured_decode'])} / "
-            f"{mb(r['predicted_decode'])} ({r['predicted_decode'] / max(r['measured_decode'], 1) - 1:+.1%}) | "
-            f"{'-' if r['same_latents_as_none'] is None else r['same_latents_as_none']} | {r['target']} |")
+            f"| {r['case']} | {r['settings']} | {r['steps']} | {r['sampling_s']} ({r['sampling_s_50']}) | {decode_s} | "
+            f"{_versus(r['measured_sampling'], r['predicted_sampling'])} | "
+            f"{_versus(r['measured_decode'], r['predicted_decode'])} | {same} | {r['target']} |")
     return "\n".join(lines)
 
 
@@ -292,10 +311,18 @@ def run(args) -> int:
         except torch.cuda.OutOfMemoryError as e:  # a case that does not fit is a result, not the end of the run
             rows.append(dict(case=case.name, target=case.target, error=f"out of memory: {str(e)[:120]}"))
         print(json.dumps(rows[-1]), flush=True)
-    table = _table(rows)
-    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    (out / "bench_gpu.json").write_text(json.dumps(dict(device=device_name, small=args.small, rows=rows), indent=1))
-    (out / "bench_gpu.md").write_text(f"# bench-gpu on {device_name}{' (--small)' if args.small else ''}\n\n"
-                                      f"{table}\n")
-    print(f"\nbench-gpu on {device_name}, {time.perf_counter() - started:.0f} s\n{table}")
+        table = _write(out, device, args.small, rows)
+    print(f"\nbench-gpu on {_device_name(device)}, {time.perf_counter() - started:.0f} s\n{table}")
     return 0
+
+
+def _device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
+
+def _write(out: Path, device: torch.device, small: bool, rows: list[dict]) -> str:
+    table = _table(rows)
+    name = _device_name(device)
+    (out / "bench_gpu.json").write_text(json.dumps(dict(device=name, small=small, rows=rows), indent=1))
+    (out / "bench_gpu.md").write_text(f"# bench-gpu on {name}{' (--small)' if small else ''}\n\n{table}\n")
+    return table

@@ -72,12 +72,9 @@ def resolve(args, model: str, device: torch.device, dtype: torch.dtype | None, h
         chosen = choose(request, budget, modes, text_devices)
     else:  # no budget (a CPU run): the mode asked for, nothing resident beyond it, no tiles
         chosen = plan(replace(request, offload=modes[0], text_device=text_devices[0]))
-    r = chosen.request
     if args.plan:
         print(chosen.table(budget))
     elif budget is not None and not chosen.fits(budget):
         print(f"warning: the predicted peak {chosen.peak / 2**30:.2f} GiB does not fit the budget "
               f"{budget / 2**30:.2f} GiB even with {chosen.describe()}; running anyway.", file=sys.stderr)
-    offload = Offload(r.offload, device=device, resident=r.resident, prefetch=r.prefetch,
-                      text_device="cpu" if r.text_device == "cpu" else None)
-    return MemorySettings(offload, chosen.decode_kwargs(), text_weight_dtype, chosen)
+    return MemorySettings(Offload.from_plan(chosen, device), chosen.decode_kwargs(), text_weight_dtype, chosen)
