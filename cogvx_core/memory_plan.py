@@ -7,9 +7,10 @@ A stage's peak = the weights on the device during the stage + the activations of
                feed-forward) plus the sampler's latents;
   decode       per tile, the decoder's largest moment is at full resolution, in the first resnet of its last up
                block; it is counted in (B, frames of one chunk, H, W) "pixel units" times channels (see
-               `DECODE_UNITS`), plus the frame caches of the causal convs and the output video;
-  text         T5's weights and its (small) activations for one batch of prompts.
-Predictions are checked against measured peaks in tests (CPU, live-tensor bytes) and by `bench gpu` (CUDA).
+               `DECODE_FRAME_UNITS`), plus the frame caches of the causal convs and the output video;
+  text         T5's weights and a rough bound of its activations for one batch of prompts (~85 MiB for T5-XXL).
+Predictions are checked against measured peaks in tests (CPU, live-tensor bytes; sampling within 2%, decode within
+4%) and by `bench-gpu` (CUDA, torch.cuda.max_memory_allocated).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from .errors import CogVXError
 GiB = 1024**3
 T5_XXL = dict(vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
               feed_forward_proj="gated-gelu", relative_attention_num_buckets=32)
-MARGIN = 256 * 1024**2  # CUDA context-free slack the planner keeps: allocator rounding, kernels' workspaces
+MARGIN = 256 * 1024**2  # kept free beside the predicted peak: allocator rounding, cuBLAS / cuDNN workspaces
 
 
 # ---------------------------------------------------------------------------------------------------------------
