@@ -25,6 +25,7 @@ COMMANDS = {
     "train": "train",
     "bench-train": "bench_train",
     "bench-vae": "bench_vae",
+    "bench-gpu": "bench_gpu",
 }
 
 

@@ -25,6 +25,7 @@ import torch
 from .checks import check_generate_inputs
 from .errors import CancelledError, CheckpointError, CogVXError
 from .noise import randn_like_reference
+from .offload import Offload
 from .samplers import SAMPLERS, sample
 from .schedule import NoiseSchedule
 from .transformer import CogVideoXTransformer
@@ -242,9 +243,11 @@ def decode(vae, raw: torch.Tensor, *, tiling: Tiling | None = None, progress: Pr
 class CogVideoXPipeline:
     """transformer + VAE (+ text encoder, schedule): generate(prompt, ...) -> Generation."""
 
-    def __init__(self, transformer: CogVideoXTransformer, vae, text_encoder=None, schedule: NoiseSchedule | None = None):
+    def __init__(self, transformer: CogVideoXTransformer, vae, text_encoder=None, schedule: NoiseSchedule | None = None,
+                 offload: Offload | None = None):
         self.transformer, self.vae, self.text_encoder = transformer, vae, text_encoder
         self.schedule = schedule or NoiseSchedule.for_variant(transformer.variant)
+        self.offload = offload or Offload()  # where each model runs; mode none: where it was loaded
 
     @property
     def variant(self) -> Variant:
@@ -252,6 +255,9 @@ class CogVideoXPipeline:
 
     @property
     def device(self) -> torch.device:
+        """The compute device (the models may wait on the CPU between stages when offloaded)."""
+        if self.offload.mode != "none" and self.offload.device is not None:
+            return self.offload.device
         return self.transformer.device
 
     @property
@@ -264,8 +270,9 @@ class CogVideoXPipeline:
             raise CogVXError("This pipeline has no text encoder: load one, or pass prompt embeddings.")
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
-        cond = self.text_encoder.encode(prompts, dtype=self.dtype, device=self.device)
-        uncond = self.text_encoder.encode(negatives, dtype=self.dtype, device=self.device)
+        with self.offload.stage(self.text_encoder.model, device=self.offload.text_device):
+            cond = self.text_encoder.encode(prompts, dtype=self.dtype, device=self.device)
+            uncond = self.text_encoder.encode(negatives, dtype=self.dtype, device=self.device)
         return cond, uncond
 
     @torch.no_grad()  # inference kernels, as the reference's __call__; no activations kept
@@ -318,7 +325,10 @@ class CogVideoXPipeline:
         uncond = None if uncond is None else uncond.to(device, dtype)
 
         def encoded(pixels: torch.Tensor | None) -> torch.Tensor | None:
-            return None if pixels is None else encode_moments(self.vae, pixels)
+            if pixels is None:
+                return None
+            with self.offload.stage(self.vae):
+                return encode_moments(self.vae, pixels)
 
         sf, invert = scaling(self.vae, variant)
         prepared = prepare_latents(
@@ -334,19 +344,28 @@ class CogVideoXPipeline:
             if cancel is not None and cancel():
                 raise CancelledError("generation cancelled")
 
-        latents = denoise(transformer, prepared.latents, cond=cond, uncond=uncond, schedule=self.schedule,
-                          timesteps=prepared.timesteps, num_steps=steps, sampler=sampler, guidance=guidance,
-                          dynamic_cfg=dynamic_cfg, generator=generator, image_latents=prepared.image_latents,
-                          callback=on_step)
+        with self.offload.stage(transformer, transformer=True):
+            latents = denoise(transformer, prepared.latents, cond=cond, uncond=uncond, schedule=self.schedule,
+                              timesteps=prepared.timesteps, num_steps=steps, sampler=sampler, guidance=guidance,
+                              dynamic_cfg=dynamic_cfg, generator=generator, image_latents=prepared.image_latents,
+                              callback=on_step)
         raw = to_raw(latents, prepared.pad, sf)
-        frames_out = decode(self.vae, raw, tiling=tiling) if decode_frames else None
+        frames_out = None
+        if decode_frames:
+            with self.offload.stage(self.vae):
+                frames_out = decode(self.vae, raw, tiling=tiling)
         return Generation(frames_out, raw, frames, height, width, notes)
 
 
 def load_pipeline(path: str | Path, dtype: torch.dtype | None = None, device: torch.device | str | None = None,
+                  offload: Offload | None = None, text_weight_dtype: torch.dtype | None = None,
                   **transformer_kwargs) -> CogVideoXPipeline:
     """A whole diffusers-format model folder (model_index.json, transformer/, vae/, text_encoder/, tokenizer/,
-    scheduler/), as the released models are downloaded."""
+    scheduler/), as the released models are downloaded.
+
+    offload: with a mode other than none the models are loaded to the CPU and run on `offload.device` (default
+    `device`); `text_weight_dtype` (fp8) stores T5's big weights in fp8. Extra keywords go to `load_transformer`
+    (`weight_dtype`, `attention`, `operations`)."""
     from .checkpoints.folder import read_model_folder
     from .checkpoints.transformer import load_transformer
     from .checkpoints.vae import load_vae
@@ -360,12 +379,19 @@ def load_pipeline(path: str | Path, dtype: torch.dtype | None = None, device: to
     if missing:
         raise CheckpointError(f"{folder.root}: missing the {' and '.join(missing)} folder(s); this is not a complete "
                               "diffusers-format CogVideoX folder. Download it again.")
+    offload = offload or Offload()
+    if offload.mode != "none":
+        offload.device = torch.device(offload.device or device or "cpu")
+        device = "cpu"  # each model goes to offload.device only while it runs
+    text_device = offload.text_device if offload.text_device is not None and offload.mode == "none" else device
+    operations = transformer_kwargs.get("operations")
     transformer = load_transformer(folder.transformer, dtype=dtype, device=device, **transformer_kwargs)
     dtype = transformer.dtype
-    vae = load_vae(folder.vae, dtype=dtype, device=device)
+    vae = load_vae(folder.vae, dtype=dtype, device=device, operations=operations)
     text_encoder = None
     if folder.text_encoder is not None:
-        text_encoder = load_text_encoder(folder.root, dtype=dtype, device=device,
-                                         max_length=folder.text_length or transformer.text_length)
+        text_encoder = load_text_encoder(folder.root, dtype=dtype, device=text_device, operations=operations,
+                                         max_length=folder.text_length or transformer.text_length,
+                                         weight_dtype=text_weight_dtype)
     schedule = NoiseSchedule.from_config(folder.schedule_config) if folder.schedule_config else None
-    return CogVideoXPipeline(transformer, vae, text_encoder, schedule)
+    return CogVideoXPipeline(transformer, vae, text_encoder, schedule, offload)

@@ -134,15 +134,18 @@ class TextEncoder:
 
 def load_text_encoder(path: str | os.PathLike, tokenizer: str | os.PathLike | None = None,
                       dtype: torch.dtype | None = None, device: torch.device | str | None = None,
-                      max_length: int = DEFAULT_MAX_LENGTH) -> TextEncoder:
+                      max_length: int = DEFAULT_MAX_LENGTH, operations=None,
+                      weight_dtype: torch.dtype | None = None) -> TextEncoder:
     """A TextEncoder from a diffusers CogVideoX folder, its `text_encoder/` folder, or one T5 .safetensors file.
 
     `tokenizer`: the tokenizer folder (spiece.model or tokenizer.json). A model folder finds its own `tokenizer/`; a
     single file needs one (a `tokenizer/` folder beside it is found too). `dtype=None` keeps the checkpoint's dtype
-    (bfloat16 for fp8 storage). `max_length`: the transformer's `max_text_seq_length`.
+    (bfloat16 for fp8 storage). `max_length`: the transformer's `max_text_seq_length`. `operations`: the layer
+    classes (modules/ops.py); `weight_dtype`: an fp8 dtype stores the big matmul weights in it.
     """
     tokenizer_folder = find_tokenizer_folder(path, tokenizer)
-    model = load_t5_encoder(path, dtype=dtype, device=device or "cpu")
+    model = load_t5_encoder(path, dtype=dtype, device=device or "cpu", operations=operations,
+                            weight_dtype=weight_dtype)
     return TextEncoder(model, load_t5_tokenizer(tokenizer_folder), max_length=max_length)
 
 

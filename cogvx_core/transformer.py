@@ -20,7 +20,7 @@ from .errors import CogVXError
 from .modules.attention import get_attention_backend
 from .modules.embeddings import TimestepEmbedding, rope_3d_angles, rope_rotation, sincos_3d_table
 from .modules.expert_block import ExpertBlock
-from .modules.ops import Conv2d, LayerNorm, Linear
+from .modules import ops as core_ops
 from .variants import TRANSFORMER_DEFAULTS, Variant, detect_variant
 
 log = logging.getLogger(__name__)
@@ -29,15 +29,16 @@ log = logging.getLogger(__name__)
 class PatchEmbed(nn.Module):
     """Text projection, video patchification and (2b, 5b-I2V) the additive position table."""
 
-    def __init__(self, cfg: dict, dim: int, device=None, dtype=None):
+    def __init__(self, cfg: dict, dim: int, device=None, dtype=None, operations=None):
         super().__init__()
+        ops = core_ops.resolve(operations)
         p, pt, c = cfg["patch_size"], cfg["patch_size_t"], cfg["in_channels"]
         self.patch_size, self.patch_size_t = p, pt  # pt None: 1.0's per-frame Conv2d
         if pt is None:
-            self.proj = Conv2d(c, dim, kernel_size=p, stride=p, bias=cfg["patch_bias"], device=device, dtype=dtype)
+            self.proj = ops.Conv2d(c, dim, kernel_size=p, stride=p, bias=cfg["patch_bias"], device=device, dtype=dtype)
         else:  # 1.5 always has the bias, whatever patch_bias says
-            self.proj = Linear(c * p * p * pt, dim, device=device, dtype=dtype)
-        self.text_proj = Linear(cfg["text_embed_dim"], dim, device=device, dtype=dtype)
+            self.proj = ops.Linear(c * p * p * pt, dim, device=device, dtype=dtype)
+        self.text_proj = ops.Linear(cfg["text_embed_dim"], dim, device=device, dtype=dtype)
         if cfg["use_learned_positional_embeddings"]:
             tokens = (cfg["sample_height"] // p) * (cfg["sample_width"] // p) * self.sample_latent_frames(cfg)
             self.register_buffer("pos_embedding", torch.zeros(1, cfg["max_text_seq_length"] + tokens, dim,
@@ -62,8 +63,9 @@ class PatchEmbed(nn.Module):
 class CogVideoXTransformer(nn.Module):
     """x (B, C_in, T, H, W), timestep (B,), context (B, L, text_dim) [, ofs (B,) or (1,)] -> (B, C_out, T, H, W)."""
 
-    def __init__(self, config: dict, device=None, dtype=None):
+    def __init__(self, config: dict, device=None, dtype=None, operations=None):
         super().__init__()
+        ops = core_ops.resolve(operations)
         unknown = set(config) - set(TRANSFORMER_DEFAULTS) - {"_class_name", "_diffusers_version", "_name_or_path"}
         if unknown:
             log.debug("ignoring transformer config fields %s", sorted(unknown))
@@ -78,23 +80,22 @@ class CogVideoXTransformer(nn.Module):
         self.patch_size, self.patch_size_t = cfg["patch_size"], cfg["patch_size_t"] or 1
         self.out_channels = cfg["out_channels"]
 
-        self.patch_embed = PatchEmbed(cfg, dim, device=device, dtype=dtype)
-        self.time_embedding = TimestepEmbedding(dim, time_dim, device=device, dtype=dtype)
-        self.ofs_embedding = (TimestepEmbedding(cfg["ofs_embed_dim"], cfg["ofs_embed_dim"], device=device, dtype=dtype)
+        kw = dict(device=device, dtype=dtype)
+        self.patch_embed = PatchEmbed(cfg, dim, operations=ops, **kw)
+        self.time_embedding = TimestepEmbedding(dim, time_dim, operations=ops, **kw)
+        self.ofs_embedding = (TimestepEmbedding(cfg["ofs_embed_dim"], cfg["ofs_embed_dim"], operations=ops, **kw)
                               if cfg["ofs_embed_dim"] else None)
         self.transformer_blocks = nn.ModuleList([
             ExpertBlock(dim, heads, head_dim, time_dim, eps=cfg["norm_eps"], affine=cfg["norm_elementwise_affine"],
-                        attention_bias=cfg["attention_bias"], device=device, dtype=dtype)
+                        attention_bias=cfg["attention_bias"], operations=ops, **kw)
             for _ in range(cfg["num_layers"])])
-        self.norm_final = LayerNorm(dim, eps=cfg["norm_eps"], elementwise_affine=cfg["norm_elementwise_affine"],
-                                    device=device, dtype=dtype)
+        affine = cfg["norm_elementwise_affine"]
+        self.norm_final = ops.LayerNorm(dim, eps=cfg["norm_eps"], elementwise_affine=affine, **kw)
         self.norm_out = nn.Module()  # AdaLayerNorm: shift, scale from the time embedding (shift first)
         self.norm_out.silu = nn.SiLU()
-        self.norm_out.linear = Linear(time_dim, 2 * dim, device=device, dtype=dtype)
-        self.norm_out.norm = LayerNorm(dim, eps=cfg["norm_eps"], elementwise_affine=cfg["norm_elementwise_affine"],
-                                       device=device, dtype=dtype)
-        self.proj_out = Linear(dim, self.patch_size**2 * self.patch_size_t * self.out_channels, device=device,
-                               dtype=dtype)
+        self.norm_out.linear = ops.Linear(time_dim, 2 * dim, **kw)
+        self.norm_out.norm = ops.LayerNorm(dim, eps=cfg["norm_eps"], elementwise_affine=affine, **kw)
+        self.proj_out = ops.Linear(dim, self.patch_size**2 * self.patch_size_t * self.out_channels, **kw)
         self.gradient_checkpointing = False
         self.attention_backend = "sdpa"
 
@@ -128,12 +129,8 @@ class CogVideoXTransformer(nn.Module):
         return self.text_length + (frames // pt) * (height // p) * (width // p)
 
     def activation_bytes(self, latent_shape: tuple[int, ...], guidance: bool = True) -> int:
-        """Rough peak bytes of the activations of one forward pass on latents (B, C, T, h, w); classifier-free
-        guidance doubles the batch. About 16 hidden-state-sized buffers alive at once (q, k, v, attention output,
-        the feed-forward's 4x expansion, the residual stream)."""
-        b, _, t, h, w = latent_shape
-        batch = b * (2 if guidance else 1)
-        return int(batch * self.sequence_length(t, h, w) * self.inner_dim * self.dtype.itemsize * 16)
+        """Peak activation bytes of one inference forward on latents (B, C, T, h, w) (forward_activation_bytes)."""
+        return forward_activation_bytes(self.config, latent_shape, self.dtype, guidance)
 
     @property
     def released_size(self) -> bool:
@@ -276,8 +273,35 @@ def _sincos_cache(dim: int, t: int, h: int, w: int, s_scale: float, t_scale: flo
         return sincos_3d_table(dim, t, h, w, s_scale, t_scale, device=torch.device(device))
 
 
-def build_transformer(config: dict, device="meta", dtype: torch.dtype | None = None) -> CogVideoXTransformer:
-    """A transformer from a diffusers `transformer/config.json` dict, on `device` (meta: no memory until loaded)."""
+FF_UNITS = 10  # (B, S, D) tensors alive inside a block's feed-forward: x, the modulated norm, 4 + 4 (proj, GELU)
+
+
+def forward_activation_bytes(config: dict, latent_shape: tuple[int, ...], dtype: torch.dtype, guidance: bool = True,
+                             text_length: int | None = None) -> int:
+    """Peak activation bytes of one inference forward on latents (B, C, T, h, w); CFG doubles the batch.
+
+    The peak is inside a block's feed-forward: the tokens x, the modulated norm, the 4x-wide projection and its GELU
+    output, 10 (B, S, D) tensors (S = text + video tokens); plus the cached position tables (RoPE rotations, or 2b's
+    fp64 sin-cos table and its text-padded copy). Attention is assumed to run a memory-efficient kernel (flash /
+    efficient SDPA, no S x S matrix), as torch picks on CUDA. Matches measured CPU peaks within 2% (tests)."""
+    cfg = {**TRANSFORMER_DEFAULTS, **config}
+    b, _, t, h, w = latent_shape
+    p, pt = cfg["patch_size"], cfg["patch_size_t"] or 1
+    video = (t // pt) * (h // p) * (w // p)
+    tokens = (cfg["max_text_seq_length"] if text_length is None else text_length) + video
+    dim = cfg["num_attention_heads"] * cfg["attention_head_dim"]
+    total = FF_UNITS * b * (2 if guidance else 1) * tokens * dim * dtype.itemsize
+    if cfg["use_rotary_positional_embeddings"]:
+        total += video * cfg["attention_head_dim"] // 2 * 8  # cached complex64 rotations
+    elif not cfg["use_learned_positional_embeddings"]:
+        total += (video + tokens) * dim * 8  # the 2b fp64 sin-cos table: cached, and its text-padded copy
+    return total
+
+
+def build_transformer(config: dict, device="meta", dtype: torch.dtype | None = None,
+                      operations=None) -> CogVideoXTransformer:
+    """A transformer from a diffusers `transformer/config.json` dict, on `device` (meta: no memory until loaded).
+    `operations`: the layer classes (see modules/ops.py; default the core's own)."""
     with torch.device(device):
-        model = CogVideoXTransformer(config, dtype=dtype)
+        model = CogVideoXTransformer(config, dtype=dtype, operations=operations)
     return model

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from .errors import CogVXError
+from .modules import ops as core_ops
 from .noise import reference_randn
 from .modules.causal_conv import CausalConv3d, FrameCache
 from .modules.vae_blocks import (
@@ -32,19 +33,20 @@ LATENT_FRAMES_PER_CHUNK = 2  # decode: latent frames per chunk
 
 class Encoder3D(nn.Module):
     def __init__(self, in_channels: int, latent_channels: int, block_out_channels: list[int], layers_per_block: int,
-                 norm_num_groups: int, norm_eps: float, time_levels: int):
+                 norm_num_groups: int, norm_eps: float, time_levels: int, operations=None):
         super().__init__()
-        self.conv_in = CausalConv3d(in_channels, block_out_channels[0], kernel_size=3)
+        ops = core_ops.resolve(operations)
+        self.conv_in = CausalConv3d(in_channels, block_out_channels[0], kernel_size=3, operations=ops)
         self.down_blocks = nn.ModuleList()
         out_ch = block_out_channels[0]
         for i, ch in enumerate(block_out_channels):
             in_ch, out_ch = out_ch, ch
             self.down_blocks.append(DownBlock3D(
                 in_ch, out_ch, layers_per_block, norm_num_groups, norm_eps,
-                add_downsample=i < len(block_out_channels) - 1, compress_time=i < time_levels))
-        self.mid_block = MidBlock3D(block_out_channels[-1], norm_num_groups, norm_eps)
-        self.norm_out = nn.GroupNorm(norm_num_groups, block_out_channels[-1], eps=1e-6)
-        self.conv_out = CausalConv3d(block_out_channels[-1], 2 * latent_channels, kernel_size=3)
+                add_downsample=i < len(block_out_channels) - 1, compress_time=i < time_levels, operations=ops))
+        self.mid_block = MidBlock3D(block_out_channels[-1], norm_num_groups, norm_eps, operations=ops)
+        self.norm_out = ops.GroupNorm(norm_num_groups, block_out_channels[-1], eps=1e-6)
+        self.conv_out = CausalConv3d(block_out_channels[-1], 2 * latent_channels, kernel_size=3, operations=ops)
 
     def forward(self, x: torch.Tensor, cache: FrameCache) -> torch.Tensor:
         # (B, 3, T, H, W) -> (B, 2*latent, t, H/8, W/8): mean and logvar
@@ -58,20 +60,22 @@ class Encoder3D(nn.Module):
 
 class Decoder3D(nn.Module):
     def __init__(self, latent_channels: int, out_channels: int, block_out_channels: list[int], layers_per_block: int,
-                 norm_num_groups: int, norm_eps: float, time_levels: int):
+                 norm_num_groups: int, norm_eps: float, time_levels: int, operations=None):
         super().__init__()
+        ops = core_ops.resolve(operations)
         channels = list(reversed(block_out_channels))
-        self.conv_in = CausalConv3d(latent_channels, channels[0], kernel_size=3)
-        self.mid_block = MidBlock3D(channels[0], norm_num_groups, norm_eps, spatial_norm_dim=latent_channels)
+        self.conv_in = CausalConv3d(latent_channels, channels[0], kernel_size=3, operations=ops)
+        self.mid_block = MidBlock3D(channels[0], norm_num_groups, norm_eps, spatial_norm_dim=latent_channels,
+                                    operations=ops)
         self.up_blocks = nn.ModuleList()
         out_ch = channels[0]
         for i, ch in enumerate(channels):
             in_ch, out_ch = out_ch, ch
             self.up_blocks.append(UpBlock3D(
                 in_ch, out_ch, layers_per_block + 1, norm_num_groups, norm_eps, spatial_norm_dim=latent_channels,
-                add_upsample=i < len(channels) - 1, compress_time=i < time_levels))
-        self.norm_out = SpatialNorm3D(channels[-1], latent_channels, groups=norm_num_groups)
-        self.conv_out = CausalConv3d(channels[-1], out_channels, kernel_size=3)
+                add_upsample=i < len(channels) - 1, compress_time=i < time_levels, operations=ops))
+        self.norm_out = SpatialNorm3D(channels[-1], latent_channels, groups=norm_num_groups, operations=ops)
+        self.conv_out = CausalConv3d(channels[-1], out_channels, kernel_size=3, operations=ops)
 
     def forward(self, z: torch.Tensor, cache: FrameCache) -> torch.Tensor:
         # (B, latent, t, h, w) -> (B, 3, T, 8h, 8w); z is also the spatial norms' condition
@@ -152,7 +156,7 @@ class CausalVAE(nn.Module):
     """AutoencoderKLCogVideoX: `encode` pixels (B, 3, 4k+1, H, W) in [-1, 1] to latents (B, 16, k+1, H/8, W/8),
     `decode` latents back. Latents are unscaled here; the pipeline applies `scaling_factor`."""
 
-    def __init__(self, config: dict):
+    def __init__(self, config: dict, operations=None):
         super().__init__()
         cfg = _checked_config(config)
         self.config = cfg
@@ -162,9 +166,9 @@ class CausalVAE(nn.Module):
         self.time_levels = int(math.log2(cfg["temporal_compression_ratio"]))
         self.spatial_factor = 2 ** (len(boc) - 1)
         self.encoder = Encoder3D(cfg["in_channels"], cfg["latent_channels"], boc, cfg["layers_per_block"],
-                                 cfg["norm_num_groups"], cfg["norm_eps"], self.time_levels)
+                                 cfg["norm_num_groups"], cfg["norm_eps"], self.time_levels, operations)
         self.decoder = Decoder3D(cfg["latent_channels"], cfg["out_channels"], boc, cfg["layers_per_block"],
-                                 cfg["norm_num_groups"], cfg["norm_eps"], self.time_levels)
+                                 cfg["norm_num_groups"], cfg["norm_eps"], self.time_levels, operations)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -431,7 +435,10 @@ def _checked_config(config: dict) -> dict:
     return cfg
 
 
-def build_vae(config: dict, device: str | torch.device = "meta") -> CausalVAE:
-    """A CausalVAE for a diffusers vae/config.json dict; on the meta device its tensors are filled by a loader."""
+def build_vae(config: dict, device: str | torch.device = "meta", dtype: torch.dtype | None = None,
+              operations=None) -> CausalVAE:
+    """A CausalVAE for a diffusers vae/config.json dict; on the meta device its tensors are filled by a loader.
+    `operations`: the layer classes (see modules/ops.py; default the core's own)."""
     with torch.device(device):
-        return CausalVAE(config)
+        vae = CausalVAE(config, operations=operations)
+    return vae if dtype is None else vae.to(dtype)

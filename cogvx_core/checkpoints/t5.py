@@ -31,6 +31,7 @@ from typing import Iterator
 import torch
 
 from ..errors import CheckpointError, CogVXError
+from ..modules import ops as core_ops
 from .io import SafetensorsHeader, fill_module, folder_weight_files, read_json, refuse_pickle
 
 logger = logging.getLogger(__name__)
@@ -239,15 +240,26 @@ def _keeps_fp32(name: str) -> bool:
     return any(m in name.split(".") for m in modules)
 
 
-def build_t5_encoder(config, tensors, *, dtype: torch.dtype, device: torch.device | str, source: str):
+# Matmul weights that may be stored in fp8 (computed in `dtype` by the operations' Linear). Not `wo`: transformers
+# casts the FF activations to wo's dtype, and not the embeddings or norms.
+_FP8_STORABLE = re.compile(
+    r"encoder\.block\.\d+\.layer\.\d+\.(SelfAttention\.[qkvo]|DenseReluDense\.wi(_[01])?)\.weight$")
+
+
+def build_t5_encoder(config, tensors, *, dtype: torch.dtype, device: torch.device | str, source: str,
+                     operations=None, weight_dtype: torch.dtype | None = None):
     """A `T5EncoderModel` built on the meta device and filled from `tensors` in `dtype` (float16 keeps `wo` in float32,
-    as transformers does), in eval mode without gradients."""
+    as transformers does), in eval mode without gradients. Its Linear and Embedding layers take the classes of
+    `operations` (default the core's, which compute in the input's dtype); `weight_dtype` (an fp8 dtype) stores the
+    attention and FF input weights in it, half the memory of bf16."""
     from transformers import T5EncoderModel
 
     with torch.device("meta"):
-        model = T5EncoderModel(config)
+        model = core_ops.adopt(T5EncoderModel(config), operations)
 
     def dtype_for(name: str, value: torch.Tensor) -> torch.dtype:
+        if weight_dtype is not None and _FP8_STORABLE.match(name):
+            return weight_dtype
         return torch.float32 if dtype == torch.float16 and _keeps_fp32(name) else dtype
 
     unexpected = fill_module(model, tensors, source=source, dtype_for=dtype_for, device=device, strict=False)
@@ -264,9 +276,11 @@ def build_t5_encoder(config, tensors, *, dtype: torch.dtype, device: torch.devic
     return model.eval().requires_grad_(False)
 
 
-def load_t5_encoder(path: str | os.PathLike, dtype: torch.dtype | None = None, device: torch.device | str = "cpu"):
+def load_t5_encoder(path: str | os.PathLike, dtype: torch.dtype | None = None, device: torch.device | str = "cpu",
+                    operations=None, weight_dtype: torch.dtype | None = None):
     """A transformers `T5EncoderModel` from a diffusers model folder, its `text_encoder/` folder, or one .safetensors
-    file. `dtype=None` keeps the checkpoint's own dtype (bfloat16 for fp8 storage)."""
+    file. `dtype=None` keeps the checkpoint's own dtype (bfloat16 for fp8 storage). `operations`, `weight_dtype`: see
+    `build_t5_encoder`."""
     path = Path(path)
     refuse_pickle(path)
     if path.is_dir():
@@ -287,7 +301,7 @@ def load_t5_encoder(path: str | os.PathLike, dtype: torch.dtype | None = None, d
         config = t5_config_from_shapes({k: s for h in headers for k, s in h.shapes().items()}, layout, source)
     dtype = dtype or storage_dtype(headers, layout)
     return build_t5_encoder(config, iter_t5_tensors(headers, layout, source), dtype=dtype, device=device,
-                            source=source)
+                            source=source, operations=operations, weight_dtype=weight_dtype)
 
 
 def _folder_config(folder: Path):

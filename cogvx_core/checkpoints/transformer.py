@@ -215,12 +215,13 @@ def _meta_config(raw: str, source: str) -> dict:
 
 def load_transformer(path: str | Path, dtype: torch.dtype | None = None, device: torch.device | str | None = None,
                      *, variant: str | None = None, weight_dtype: str | torch.dtype | None = None,
-                     attention: str = "sdpa") -> CogVideoXTransformer:
+                     attention: str = "sdpa", operations=None) -> CogVideoXTransformer:
     """Loads a CogVideoX transformer from a diffusers folder or a single .safetensors file.
 
     dtype: compute dtype (default: the file's floating dtype; bf16 for fp8 files).
     weight_dtype: "fp8_e4m3fn" stores the big matmul weights in fp8 (half the memory of bf16), computing in `dtype`.
     variant: the expected variant ("5b", ...); a file of another variant is refused.
+    operations: the layer classes to build from (modules/ops.py; e.g. a host's casting layers), default the core's.
     """
     config, files, source = _resolve(path)
     headers = [SafetensorsHeader(f) for f in files]
@@ -249,7 +250,7 @@ def load_transformer(path: str | Path, dtype: torch.dtype | None = None, device:
         dtype = torch.bfloat16 if file_fp8 is not None else file_dtype
     device = torch.device(device or "cpu")
 
-    model = build_transformer(config, device="meta", dtype=dtype)
+    model = build_transformer(config, device="meta", dtype=dtype, operations=operations)
     if variant is not None and get_variant(variant) is not model.variant:
         raise CheckpointError(f"{source}: this is a {model.variant.title} transformer, but a "
                               f"{get_variant(variant).title} one was expected. Pick the matching model file.")

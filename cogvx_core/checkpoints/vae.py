@@ -50,11 +50,12 @@ TRANSFORMER_MARKERS = ("transformer_blocks.", "patch_embed.", "time_embedding.",
 _COMPUTE_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
-def load_vae(path: str | Path, dtype: torch.dtype | None = None, device: str | torch.device | None = None
-             ) -> CausalVAE:
+def load_vae(path: str | Path, dtype: torch.dtype | None = None, device: str | torch.device | None = None,
+             operations=None) -> CausalVAE:
     """The VAE in `path`: a diffusers vae/ folder, a model folder with a vae/ subfolder, or one .safetensors file.
 
     dtype None keeps the stored floating dtype (fp8 files become bfloat16); device None means CPU.
+    operations: the layer classes to build from (modules/ops.py), default the core's.
     `vae.scaling_factor` is None when the file does not say it (a bare single file): the pipeline then takes it
     from the transformer's variant.
     """
@@ -81,7 +82,7 @@ def load_vae(path: str | Path, dtype: torch.dtype | None = None, device: str | t
         raise CheckpointError(f"{path}: no such file or folder. Give a diffusers vae/ folder, the model folder that "
                               "holds it, or a VAE .safetensors file.")
     dtype = dtype or _stored_dtype(headers)
-    vae = build_vae(config, device="meta")
+    vae = build_vae(config, device="meta", operations=operations)
     unexpected = fill_module(vae, iter_tensors(headers, rename), source=source,
                              dtype_for=lambda name, t: dtype, device=device or "cpu")
     if unexpected:

@@ -10,6 +10,7 @@ import torch
 from ..checks import check_seed, parse_device, positive
 from ..errors import CogVXError
 from ..safe_write import check_fps, check_writable
+from . import memory_args
 from .common import ProgressBar, parse_lora
 
 HELP = "generate a video from a prompt (and a start image or an input video)"
@@ -41,7 +42,9 @@ def add_arguments(p) -> None:
     p.add_argument("--fps", type=float, help="frames per second of the written video (default: the model's)")
     p.add_argument("--lora", action="append", default=[], metavar="PATH[:STRENGTH]",
                    help="apply a LoRA (repeatable); strength defaults to 1.0")
-    p.add_argument("--out", required=True, help=".mp4/.webm/.gif writes a video; any other path a folder of PNGs")
+    p.add_argument("--out", help=".mp4/.webm/.gif writes a video; any other path a folder of PNGs (required "
+                   "unless --plan)")
+    memory_args.add_arguments(p)
 
 
 def run(args) -> int:
@@ -57,7 +60,6 @@ def run(args) -> int:
     check_seed(args.seed)
     if args.fps is not None:
         check_fps(args.fps)
-    check_writable(args.out)
     if args.model is None:
         from ..models import TINY_MODEL, builtin_models
 
@@ -70,7 +72,14 @@ def run(args) -> int:
         raise CogVXError(f"--model {args.model}: no such folder.")
     device = parse_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = DTYPES[args.dtype] if args.dtype else None
-    pipe = load_pipeline(args.model, dtype=dtype, device=device)
+    memory = memory_args.resolve(args, args.model, device, dtype, has_image=bool(args.image))
+    if args.plan:
+        return 0
+    if not args.out:
+        raise CogVXError("--out is required (a .mp4/.webm/.gif file or a folder for PNG frames).")
+    check_writable(args.out)  # before minutes of loading and sampling
+    pipe = load_pipeline(args.model, dtype=dtype, device=device, offload=memory.offload,
+                         text_weight_dtype=memory.text_weight_dtype, weight_dtype=args.weight_dtype)
     variant = pipe.variant
     if args.lora:
         from ..lora import apply_loras, load_lora
@@ -103,7 +112,7 @@ def run(args) -> int:
                            strength=args.strength,
                            frames=args.frames, height=height, width=width, steps=args.steps,
                            guidance=args.guidance, dynamic_cfg=args.dynamic_cfg, sampler=args.sampler,
-                           seed=args.seed, progress=ProgressBar("sampling"))
+                           seed=args.seed, progress=ProgressBar("sampling"), **memory.tile_args)
     for note in notes:  # the pipeline's own notes were logged as they arose: printed once, not again here
         print(f"note: {note}", file=sys.stderr)
     out = write_frames(result.frames[0], args.out, fps=args.fps or variant.fps)

@@ -15,7 +15,7 @@ from torch import nn
 
 from ..errors import CogVXError
 from .embeddings import apply_rope
-from .ops import LayerNorm, Linear
+from . import ops as core_ops
 
 AttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]  # (B, heads, S, d) each
 
@@ -69,15 +69,16 @@ class Attention(nn.Module):
     """Joint attention of one block. Parameter names follow the reference (`to_q`, `norm_q`, `to_out.0`, ...)."""
 
     def __init__(self, dim: int, heads: int, head_dim: int, bias: bool = True, qk_eps: float = 1e-6,
-                 device=None, dtype=None):
+                 device=None, dtype=None, operations=None):
         super().__init__()
+        ops = core_ops.resolve(operations)
         self.heads, self.head_dim = heads, head_dim
-        self.to_q = Linear(dim, heads * head_dim, bias=bias, device=device, dtype=dtype)
-        self.to_k = Linear(dim, heads * head_dim, bias=bias, device=device, dtype=dtype)
-        self.to_v = Linear(dim, heads * head_dim, bias=bias, device=device, dtype=dtype)
-        self.norm_q = LayerNorm(head_dim, eps=qk_eps, device=device, dtype=dtype)
-        self.norm_k = LayerNorm(head_dim, eps=qk_eps, device=device, dtype=dtype)
-        self.to_out = nn.ModuleList([Linear(heads * head_dim, dim, bias=True, device=device, dtype=dtype),
+        self.to_q = ops.Linear(dim, heads * head_dim, bias=bias, device=device, dtype=dtype)
+        self.to_k = ops.Linear(dim, heads * head_dim, bias=bias, device=device, dtype=dtype)
+        self.to_v = ops.Linear(dim, heads * head_dim, bias=bias, device=device, dtype=dtype)
+        self.norm_q = ops.LayerNorm(head_dim, eps=qk_eps, device=device, dtype=dtype)
+        self.norm_k = ops.LayerNorm(head_dim, eps=qk_eps, device=device, dtype=dtype)
+        self.to_out = nn.ModuleList([ops.Linear(heads * head_dim, dim, bias=True, device=device, dtype=dtype),
                                      nn.Dropout(0.0)])
         self.attention_fn: AttentionFn = _sdpa
 

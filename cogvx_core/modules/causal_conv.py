@@ -7,8 +7,12 @@ frames are the conv's cache, kept in a plain dict keyed by the conv module for o
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 import torch
 from torch import nn
+
+from . import ops as core_ops
 
 # A frame cache for one encode/decode call (one tile): causal conv module -> its last padded input frames.
 FrameCache = dict
@@ -18,8 +22,9 @@ FrameCache = dict
 SAFE_CONV_GIB = 2
 
 
-class SafeConv3d(nn.Conv3d):
-    """A Conv3d that splits a very large input along time into overlapping chunks (same result, bounded calls)."""
+class TimeChunked:
+    """Mixin in front of a Conv3d class: splits a very large input along time into overlapping chunks (same result,
+    bounded calls). Each chunk runs the Conv3d's own forward, so an operations' weight casting still applies."""
 
     def _time_slices(self, x: torch.Tensor) -> list[tuple[int, int]]:
         """Input frame ranges of the conv calls, chunked exactly like the reference's torch.chunk split."""
@@ -52,6 +57,15 @@ class SafeConv3d(nn.Conv3d):
         return out
 
 
+@lru_cache(maxsize=None)
+def safe_conv3d(conv3d: type) -> type:
+    """The time-chunked Conv3d class over an operations namespace's `conv3d`."""
+    return type("SafeConv3d", (TimeChunked, conv3d), {})
+
+
+SafeConv3d = safe_conv3d(core_ops.Conv3d)  # over the core's own cast-on-the-fly Conv3d
+
+
 class CausalConv3d(nn.Module):
     """Conv3d that is causal in time: left time padding from a frame cache, zero spatial padding inside the conv.
 
@@ -59,15 +73,16 @@ class CausalConv3d(nn.Module):
     `h = conv.pad(h, cache); h = conv.conv(h)`, so that the unpadded activation is released before the conv runs.
     """
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: int | tuple[int, int, int] = 3):
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int | tuple[int, int, int] = 3,
+                 operations=None):
         super().__init__()
         if isinstance(kernel_size, int):
             kernel_size = (kernel_size,) * 3
         time_k, height_k, width_k = kernel_size
         self.time_pad = time_k - 1
         # (time, height, width) padding; the reference names them (0, width_pad, height_pad), equal for square kernels.
-        self.conv = SafeConv3d(in_channels, out_channels, kernel_size,
-                               padding=(0, (width_k - 1) // 2, (height_k - 1) // 2))
+        self.conv = safe_conv3d(core_ops.resolve(operations).Conv3d)(
+            in_channels, out_channels, kernel_size, padding=(0, (width_k - 1) // 2, (height_k - 1) // 2))
 
     def pad(self, x: torch.Tensor, cache: FrameCache | None) -> torch.Tensor:
         """(B, C, T, H, W) -> (B, C, time_pad + T, H, W), and stores the new last `time_pad` frames in `cache`."""

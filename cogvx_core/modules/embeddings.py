@@ -11,7 +11,7 @@ import math
 import torch
 from torch import nn
 
-from .ops import Linear
+from . import ops as core_ops
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
@@ -25,11 +25,12 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -
 class TimestepEmbedding(nn.Module):
     """linear_1 -> SiLU -> linear_2 over a sinusoidal embedding (the time and the 1.5-I2V ofs embeddings)."""
 
-    def __init__(self, in_dim: int, out_dim: int, device=None, dtype=None):
+    def __init__(self, in_dim: int, out_dim: int, device=None, dtype=None, operations=None):
         super().__init__()
-        self.linear_1 = Linear(in_dim, out_dim, device=device, dtype=dtype)
+        ops = core_ops.resolve(operations)
+        self.linear_1 = ops.Linear(in_dim, out_dim, device=device, dtype=dtype)
         self.act = nn.SiLU()
-        self.linear_2 = Linear(out_dim, out_dim, device=device, dtype=dtype)
+        self.linear_2 = ops.Linear(out_dim, out_dim, device=device, dtype=dtype)
 
     def forward(self, t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         emb = timestep_embedding(t, self.linear_1.in_features).to(dtype)  # (B, in_dim)

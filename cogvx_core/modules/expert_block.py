@@ -11,17 +11,19 @@ import torch
 from torch import nn
 
 from .attention import Attention
-from .ops import LayerNorm, Linear
+from . import ops as core_ops
 
 
 class ExpertAdaLN(nn.Module):
     """LayerNorm with per-expert (video, text) shift/scale; returns the normed tokens and the two gates."""
 
-    def __init__(self, time_dim: int, dim: int, eps: float, affine: bool = True, device=None, dtype=None):
+    def __init__(self, time_dim: int, dim: int, eps: float, affine: bool = True, device=None, dtype=None,
+                 operations=None):
         super().__init__()
+        ops = core_ops.resolve(operations)
         self.silu = nn.SiLU()
-        self.linear = Linear(time_dim, 6 * dim, device=device, dtype=dtype)
-        self.norm = LayerNorm(dim, eps=eps, elementwise_affine=affine, device=device, dtype=dtype)
+        self.linear = ops.Linear(time_dim, 6 * dim, device=device, dtype=dtype)
+        self.norm = ops.LayerNorm(dim, eps=eps, elementwise_affine=affine, device=device, dtype=dtype)
 
     def forward(self, x: torch.Tensor, temb: torch.Tensor, text_len: int):
         # x: (B, S, D); temb: (B, time_dim)
@@ -39,11 +41,12 @@ class ExpertAdaLN(nn.Module):
 class FeedForward(nn.Module):
     """Linear -> tanh-GELU -> Linear, named like the reference (`net.0.proj`, `net.2`)."""
 
-    def __init__(self, dim: int, inner_dim: int, device=None, dtype=None):
+    def __init__(self, dim: int, inner_dim: int, device=None, dtype=None, operations=None):
         super().__init__()
+        ops = core_ops.resolve(operations)
         proj_in = nn.Module()
-        proj_in.proj = Linear(dim, inner_dim, device=device, dtype=dtype)
-        self.net = nn.ModuleList([proj_in, nn.Dropout(0.0), Linear(inner_dim, dim, device=device, dtype=dtype),
+        proj_in.proj = ops.Linear(dim, inner_dim, device=device, dtype=dtype)
+        self.net = nn.ModuleList([proj_in, nn.Dropout(0.0), ops.Linear(inner_dim, dim, device=device, dtype=dtype),
                                   nn.Dropout(0.0)])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -63,12 +66,14 @@ def _gated_residual(x: torch.Tensor, out: torch.Tensor, gate: torch.Tensor, enc_
 
 class ExpertBlock(nn.Module):
     def __init__(self, dim: int, heads: int, head_dim: int, time_dim: int, eps: float = 1e-5,
-                 affine: bool = True, attention_bias: bool = True, ff_mult: int = 4, device=None, dtype=None):
+                 affine: bool = True, attention_bias: bool = True, ff_mult: int = 4, device=None, dtype=None,
+                 operations=None):
         super().__init__()
-        self.norm1 = ExpertAdaLN(time_dim, dim, eps, affine, device=device, dtype=dtype)
-        self.attn1 = Attention(dim, heads, head_dim, bias=attention_bias, device=device, dtype=dtype)
-        self.norm2 = ExpertAdaLN(time_dim, dim, eps, affine, device=device, dtype=dtype)
-        self.ff = FeedForward(dim, ff_mult * dim, device=device, dtype=dtype)
+        ops = dict(device=device, dtype=dtype, operations=operations)
+        self.norm1 = ExpertAdaLN(time_dim, dim, eps, affine, **ops)
+        self.attn1 = Attention(dim, heads, head_dim, bias=attention_bias, **ops)
+        self.norm2 = ExpertAdaLN(time_dim, dim, eps, affine, **ops)
+        self.ff = FeedForward(dim, ff_mult * dim, **ops)
 
     def forward(self, x: torch.Tensor, temb: torch.Tensor, text_len: int, rope: torch.Tensor | None) -> torch.Tensor:
         # x: (B, text_len + N, D)

@@ -14,7 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .causal_conv import CausalConv3d, FrameCache, SafeConv3d
+from . import ops as core_ops
+from .causal_conv import CausalConv3d, FrameCache, safe_conv3d
 
 
 def _inplace() -> bool:
@@ -43,11 +44,12 @@ class SpatialNorm3D(nn.Module):
     For odd T > 1 the first frame and the rest are resized separately (1 -> 1 frame, t-1 -> T-1 frames).
     """
 
-    def __init__(self, f_channels: int, zq_channels: int, groups: int = 32):
+    def __init__(self, f_channels: int, zq_channels: int, groups: int = 32, operations=None):
         super().__init__()
-        self.norm_layer = nn.GroupNorm(num_channels=f_channels, num_groups=groups, eps=1e-6, affine=True)
-        self.conv_y = CausalConv3d(zq_channels, f_channels, kernel_size=1)
-        self.conv_b = CausalConv3d(zq_channels, f_channels, kernel_size=1)
+        ops = core_ops.resolve(operations)
+        self.norm_layer = ops.GroupNorm(num_channels=f_channels, num_groups=groups, eps=1e-6, affine=True)
+        self.conv_y = CausalConv3d(zq_channels, f_channels, kernel_size=1, operations=ops)
+        self.conv_b = CausalConv3d(zq_channels, f_channels, kernel_size=1, operations=ops)
 
     def forward(self, f: torch.Tensor, zq: torch.Tensor) -> torch.Tensor:
         # f: (B, C, T, H, W); zq: (B, Cz, t, h, w)
@@ -73,17 +75,18 @@ class ResnetBlock3D(nn.Module):
     """
 
     def __init__(self, in_channels: int, out_channels: int, groups: int, eps: float,
-                 spatial_norm_dim: int | None = None):
+                 spatial_norm_dim: int | None = None, operations=None):
         super().__init__()
+        ops = core_ops.resolve(operations)
         if spatial_norm_dim is None:
-            self.norm1 = nn.GroupNorm(num_channels=in_channels, num_groups=groups, eps=eps)
-            self.norm2 = nn.GroupNorm(num_channels=out_channels, num_groups=groups, eps=eps)
+            self.norm1 = ops.GroupNorm(num_channels=in_channels, num_groups=groups, eps=eps)
+            self.norm2 = ops.GroupNorm(num_channels=out_channels, num_groups=groups, eps=eps)
         else:
-            self.norm1 = SpatialNorm3D(in_channels, spatial_norm_dim, groups)
-            self.norm2 = SpatialNorm3D(out_channels, spatial_norm_dim, groups)
-        self.conv1 = CausalConv3d(in_channels, out_channels, kernel_size=3)
-        self.conv2 = CausalConv3d(out_channels, out_channels, kernel_size=3)
-        self.conv_shortcut = (SafeConv3d(in_channels, out_channels, kernel_size=1)
+            self.norm1 = SpatialNorm3D(in_channels, spatial_norm_dim, groups, operations=ops)
+            self.norm2 = SpatialNorm3D(out_channels, spatial_norm_dim, groups, operations=ops)
+        self.conv1 = CausalConv3d(in_channels, out_channels, kernel_size=3, operations=ops)
+        self.conv2 = CausalConv3d(out_channels, out_channels, kernel_size=3, operations=ops)
+        self.conv_shortcut = (safe_conv3d(ops.Conv3d)(in_channels, out_channels, kernel_size=1)
                               if in_channels != out_channels else None)
 
     def _norm(self, norm: nn.Module, x: torch.Tensor, zq: torch.Tensor | None) -> torch.Tensor:
@@ -119,9 +122,9 @@ def expanded_frames(frames: int) -> int:
 class Downsample3D(nn.Module):
     """Optional 2x time compression (average of frame pairs), then a per-frame Conv2d(k3, s2) after (0,1,0,1) padding."""
 
-    def __init__(self, in_channels: int, out_channels: int, compress_time: bool = False):
+    def __init__(self, in_channels: int, out_channels: int, compress_time: bool = False, operations=None):
         super().__init__()
-        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size=3, stride=2, padding=0)
+        self.conv = core_ops.resolve(operations).Conv2d(in_channels, out_channels, kernel_size=3, stride=2, padding=0)
         self.compress_time = compress_time
 
     def forward(self, x: Activation) -> torch.Tensor:
@@ -152,9 +155,9 @@ class Upsample3D(nn.Module):
     """Nearest 2x in space (and in time when compress_time, keeping frame 0 of an odd count single), then a
     per-frame Conv2d(k3, s1, p1)."""
 
-    def __init__(self, in_channels: int, out_channels: int, compress_time: bool = False):
+    def __init__(self, in_channels: int, out_channels: int, compress_time: bool = False, operations=None):
         super().__init__()
-        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size=3, stride=1, padding=1)
+        self.conv = core_ops.resolve(operations).Conv2d(in_channels, out_channels, kernel_size=3, stride=1, padding=1)
         self.compress_time = compress_time
 
     def forward(self, x: Activation) -> torch.Tensor:
@@ -178,11 +181,11 @@ class Upsample3D(nn.Module):
 
 class DownBlock3D(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, num_layers: int, groups: int, eps: float,
-                 add_downsample: bool, compress_time: bool):
+                 add_downsample: bool, compress_time: bool, operations=None):
         super().__init__()
-        self.resnets = nn.ModuleList([ResnetBlock3D(in_channels if i == 0 else out_channels, out_channels, groups, eps)
-                                      for i in range(num_layers)])
-        self.downsamplers = (nn.ModuleList([Downsample3D(out_channels, out_channels, compress_time)])
+        self.resnets = nn.ModuleList([ResnetBlock3D(in_channels if i == 0 else out_channels, out_channels, groups, eps,
+                                                    operations=operations) for i in range(num_layers)])
+        self.downsamplers = (nn.ModuleList([Downsample3D(out_channels, out_channels, compress_time, operations)])
                              if add_downsample else None)
 
     def forward(self, h: Activation, cache: FrameCache) -> torch.Tensor:
@@ -195,9 +198,9 @@ class DownBlock3D(nn.Module):
 
 class MidBlock3D(nn.Module):
     def __init__(self, channels: int, groups: int, eps: float, spatial_norm_dim: int | None = None,
-                 num_layers: int = 2):
+                 num_layers: int = 2, operations=None):
         super().__init__()
-        self.resnets = nn.ModuleList([ResnetBlock3D(channels, channels, groups, eps, spatial_norm_dim)
+        self.resnets = nn.ModuleList([ResnetBlock3D(channels, channels, groups, eps, spatial_norm_dim, operations)
                                       for _ in range(num_layers)])
 
     def forward(self, h: Activation, zq: torch.Tensor | None, cache: FrameCache) -> torch.Tensor:
@@ -208,12 +211,12 @@ class MidBlock3D(nn.Module):
 
 class UpBlock3D(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, num_layers: int, groups: int, eps: float,
-                 spatial_norm_dim: int, add_upsample: bool, compress_time: bool):
+                 spatial_norm_dim: int, add_upsample: bool, compress_time: bool, operations=None):
         super().__init__()
         self.resnets = nn.ModuleList([
-            ResnetBlock3D(in_channels if i == 0 else out_channels, out_channels, groups, eps, spatial_norm_dim)
-            for i in range(num_layers)])
-        self.upsamplers = (nn.ModuleList([Upsample3D(out_channels, out_channels, compress_time)])
+            ResnetBlock3D(in_channels if i == 0 else out_channels, out_channels, groups, eps, spatial_norm_dim,
+                          operations) for i in range(num_layers)])
+        self.upsamplers = (nn.ModuleList([Upsample3D(out_channels, out_channels, compress_time, operations)])
                            if add_upsample else None)
 
     def forward(self, h: Activation, zq: torch.Tensor, cache: FrameCache) -> torch.Tensor:
