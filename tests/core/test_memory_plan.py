@@ -17,8 +17,9 @@ from cogvx_core.pipeline import denoise, latent_shape
 from cogvx_core.schedule import NoiseSchedule
 from cogvx_core.text import load_text_encoder
 from cogvx_core.transformer import build_transformer
-from cogvx_core.vae import build_vae
+from cogvx_core.vae import Tiling, build_vae
 from cogvx_core.variants import VARIANTS
+from cogvx_core.video_io import model_output_to_frames
 
 
 @pytest.fixture(scope="module")
@@ -82,10 +83,9 @@ def test_decode_activations_match_the_measured_peak(latent, tile):
     vae = randomize_(build_vae(dict(PIPELINE_VAE), device="cpu")).eval()
     t, h, w = latent
     z = torch.randn(1, 16, t, h, w, generator=torch.Generator().manual_seed(0))
-    tiling = {} if tile is None else dict(tiled=True, tile_sample_min_height=tile[0], tile_sample_min_width=tile[1])
+    tiling = None if tile is None else Tiling(tile_height=tile[0], tile_width=tile[1])
     with torch.no_grad(), LiveBytes() as live:
-        pixels = vae.decode(z, **tiling)
-        (pixels / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 4, 1).float()
+        model_output_to_frames(vae.decode(z, tiling=tiling))
     predicted = decode_activations(PIPELINE_VAE, 1, t, 8 * h, 8 * w, torch.float32, tile)
     assert 0.9 * live.peak <= predicted <= 1.1 * live.peak
 
