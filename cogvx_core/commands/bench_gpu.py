@@ -76,7 +76,8 @@ def add_arguments(p) -> None:
     p.add_argument("--short-steps", type=int, default=10,
                    help="steps of the other cases (default 10; their 50-step time is extrapolated)")
     p.add_argument("--steps-15", type=int, default=3, help="steps of the 1.5 case (default 3)")
-    p.add_argument("--prefetch", type=int, default=1)
+    p.add_argument("--prefetch", type=int, default=1, help="blocks copied ahead while one computes in the streamed "
+                   "cases")
     p.add_argument("--no-warmup", action="store_true", help="skip the first case's untimed 1-step warm-up")
     p.add_argument("--decode-all", action="store_true", help="decode in every case (default: not 5b-6gb, 1.5)")
     p.add_argument("--cases", default=",".join(c.name for c in CASES), help="comma-separated case names")

@@ -60,6 +60,8 @@ def run(args) -> int:
     check_seed(args.seed)
     if args.fps is not None:
         check_fps(args.fps)
+    if args.end_image and not args.image:
+        raise CogVXError("--end-image needs --image: the video starts on the start image and ends on the end image.")
     if args.model is None:
         from ..models import TINY_MODEL, builtin_models
 
@@ -87,8 +89,6 @@ def run(args) -> int:
         apply_loras(pipe.transformer, [(load_lora(p), s) for p, s in map(parse_lora, args.lora)])
 
     height, width = args.height, args.width  # unset: the model's own defaults (the pipeline fills them in)
-    if args.end_image and not args.image:
-        raise CogVXError("--end-image needs --image: the video starts on the start image and ends on the end image.")
     image = end_image = video = None
     notes = []
     if args.image:
