@@ -135,7 +135,8 @@ def test_the_train_command_refuses_a_locked_folder_before_loading(tmp_path, caps
     try:
         assert proc.stdout.readline().strip() == b"locked"
         model = tmp_path / "model"
-        (model / "transformer").mkdir(parents=True)  # never loaded: the lock is checked first
+        for part in ("transformer", "vae", "text_encoder"):  # never loaded: the lock is checked first
+            (model / part).mkdir(parents=True)
         code = main(["train", "--model", str(model), "--data", str(tmp_path), "--out", str(tmp_path / "l.safetensors"),
                      "--steps", "1", "--checkpoint-dir", str(ckpt), "--device", "cpu"])
         assert code == 2 and f"another training run (process {proc.pid})" in capsys.readouterr().err
