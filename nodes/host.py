@@ -4,9 +4,11 @@ Outside ComfyUI every function has a plain fallback, so the node classes import 
 model folders live under $COGVX_MODELS_DIR (default ./models), the device is CUDA when present, progress is a
 no-op, nothing interrupts and messages go to the log.
 
-Memory: each loaded model (transformer, VAE, T5) is a `Managed` model. Inside ComfyUI it is wrapped in a
-comfy.model_patcher.ModelPatcher and loaded with comfy.model_management.load_models_gpu, so ComfyUI moves it
-between the GPU and the CPU alongside every other model (it frees what it needs, nothing more).
+Memory: each loaded model (transformer, VAE, T5) is built from ComfyUI's weight-casting layers (`operations()`:
+comfy.ops.manual_cast) and is a `Managed` model: wrapped in a comfy.model_patcher.ModelPatcher and loaded with
+comfy.model_management.load_models_gpu, so ComfyUI moves it between the GPU and the CPU alongside every other model
+(it frees what it needs, nothing more) and, when the model does not fit in what is free (an 8-16 GB card, --lowvram,
+--novram, --reserve-vram), loads part of it and streams the rest layer by layer, exactly as its own models.
 """
 
 from __future__ import annotations
@@ -193,9 +195,28 @@ class CogVXManagedModel(torch.nn.Module):
         return next((p.dtype for p in self.inner.parameters() if p.is_floating_point()), None)
 
 
+def operations():
+    """The layer classes the models are built from (cogvx_core's `operations=`): inside ComfyUI its weight-casting
+    layers, whose forward casts and moves a weight the memory manager left off the device; outside it None (the
+    core's own cast-on-the-fly layers)."""
+    if not IN_COMFY:
+        return None
+    import comfy.ops  # type: ignore
+
+    return comfy.ops.manual_cast
+
+
+def streamed_layers(managed: "Managed") -> int:
+    """How many layers ComfyUI's last (partial) load left off the device, streamed in each forward (0 outside it)."""
+    if managed.patcher is None:
+        return 0
+    return sum(1 for m in managed.module.modules() if hasattr(m, "prev_comfy_cast_weights"))
+
+
 class Managed:
     """A model the host moves between devices. `load()` puts it on its compute device (ComfyUI first frees memory
-    from other models as it needs); outside ComfyUI it is simply moved there."""
+    from other models as it needs, and loads only part of the model when the rest does not fit: those weights are
+    streamed by the casting layers); outside ComfyUI it is simply moved there."""
 
     def __init__(self, module: torch.nn.Module, kind: str):
         self.module = module
@@ -210,10 +231,10 @@ class Managed:
         return sum(t.nbytes for t in self.module.state_dict().values())
 
     def load(self, memory_required: int = 0) -> torch.device:
-        """Loads the whole model onto its compute device, keeping `memory_required` bytes free for the work."""
+        """Loads the model onto its compute device, keeping `memory_required` bytes free for the work (the core's
+        activation estimate); inside ComfyUI, what does not fit beside that stays off the device and is streamed."""
         if self.patcher is not None:
-            # A full load: our layers are plain torch modules, which cannot stream weights in ComfyUI's low-VRAM mode.
-            mm.load_models_gpu([self.patcher], memory_required=int(memory_required), force_full_load=True)
+            mm.load_models_gpu([self.patcher], memory_required=int(memory_required))
         else:
             self.module.to(self.load_device)
         return self.load_device

@@ -193,6 +193,7 @@ class CogVXModelLoader:
         device, offload = host.devices("diffusion")
         weight_dtype = None if weight_storage == "default" else weight_storage
         transformer = load_transformer(path, dtype=_compute_dtype(dtype, device), device=offload,
+                                       operations=host.operations(),
                                        weight_dtype=weight_dtype, attention=attention)
         variant = transformer.variant
         if transformer.dtype == torch.float16 and variant.generation == "1.5":
@@ -242,7 +243,8 @@ class CogVXVAELoader:
             torch_dtype = torch.bfloat16 if bf16 else torch.float32
         else:
             torch_dtype = DTYPES[dtype]
-        model = load_vae(path, dtype=torch_dtype, device=offload).eval().requires_grad_(False)
+        model = load_vae(path, dtype=torch_dtype, device=offload, operations=host.operations())
+        model = model.eval().requires_grad_(False)
         return (CogVXVAE(vae=model, managed=host.Managed(model, "vae"), source=str(path)),)
 
 
@@ -283,6 +285,7 @@ class CogVXT5Loader:
         else:
             tokenizer = host.t5_tokenizer_folder()  # ComfyUI's bundled one; outside ComfyUI one beside the file
         encoder = load_text_encoder(path, tokenizer=tokenizer, dtype=torch_dtype, device=offload,
+                                    operations=host.operations(),
                                     max_length=max_length)
         encoder.model.eval().requires_grad_(False)
         return (CogVXT5(encoder=encoder, managed=host.Managed(encoder.model, "text"), source=str(path)),)

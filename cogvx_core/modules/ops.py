@@ -80,4 +80,6 @@ def adopt(model: nn.Module, operations=None) -> nn.Module:
         for name in LAYERS:
             if type(module) is getattr(nn, name):
                 module.__class__ = getattr(ops, name)
+                if not hasattr(module, "bias"):  # an Embedding: casting layers read `bias` (None), as built ones have
+                    module.bias = None
     return model
