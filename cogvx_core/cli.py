@@ -23,6 +23,7 @@ COMMANDS = {
     "recipe": "recipe",
     "train": "train",
     "bench-train": "bench_train",
+    "calibrate-cache": "calibrate_cache",
 }
 
 

@@ -283,9 +283,10 @@ class CogVideoXPipeline:
                  seed: int | None = None, generator: torch.Generator | None = None,
                  progress: Progress | None = None, cancel: Callable[[], bool] | None = None,
                  decode_frames: bool = True, tiling: Tiling | None = None,
-                 cache: StepCache | None = None) -> Generation:
+                 cache: StepCache | CacheRun | None = None) -> Generation:
         """image, end_image: (B, 3, H, W) in [-1, 1] at (height, width); video: (B, 3, T, H, W) in [-1, 1] for V2V.
-        cache: step caching (cache.parse_cache, with TeaCache's coefficients resolved: cache.resolve)."""
+        cache: step caching (cache.parse_cache, with TeaCache's coefficients resolved: cache.resolve), or a CacheRun
+        for this run's steps to use as it is."""
         variant, transformer = self.variant, self.transformer
         if end_image is not None and image is None:
             raise CogVXError("An end image needs a start image too (image-to-video).")
@@ -338,7 +339,7 @@ class CogVideoXPipeline:
             if cancel is not None and cancel():
                 raise CancelledError("generation cancelled")
 
-        passes = CacheRun(cache, len(prepared.timesteps))
+        passes = cache if isinstance(cache, CacheRun) else CacheRun(cache, len(prepared.timesteps))
         latents = denoise(transformer, prepared.latents, cond=cond, uncond=uncond, schedule=self.schedule,
                           timesteps=prepared.timesteps, num_steps=steps, sampler=sampler, guidance=guidance,
                           dynamic_cfg=dynamic_cfg, generator=generator, image_latents=prepared.image_latents,
