@@ -37,6 +37,11 @@ def add_arguments(p) -> None:
     p.add_argument("--vae-clips", type=int, default=32, help="held-out clips for the VAE PSNR (0: skip; default 32)")
     p.add_argument("--lora", action="append", default=[], metavar="PATH[:STRENGTH]", help="apply a LoRA (repeatable)")
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--cache", action="append", default=[], metavar="teacache[:T]|fbcache[:T]",
+                   help="also run with this step cache (repeatable) and compare each to the uncached run: adherence, "
+                   "passes computed/skipped, wall time, PSNR to the uncached video of the same seed")
+    p.add_argument("--cache-coefficients", metavar="FILE", help="TeaCache coefficients from calibrate-cache")
+    p.add_argument("--plot", metavar="PNG", help="with --cache: a chart of speed-up against PSNR")
     p.add_argument("--json", metavar="FILE", help="also write every number (and each prompt's verdict) as JSON")
 
 
@@ -70,6 +75,8 @@ def run(args) -> int:
                     "lora": args.lora, "adherence": []}
     print(f"{len(prompts)} {args.split} prompts, {size[2]}x{size[1]}, {size[0]} frames, guidance {args.guidance}",
           file=sys.stderr)
+    if args.cache:
+        return _run_caches(args, pipe, prompts, samplers, steps, size, report)
     results = []
     for sampler in samplers:
         for n in steps:
@@ -85,6 +92,37 @@ def run(args) -> int:
         report["vae"] = vq
         print(f"\nVAE on {vq['clips']} held-out clips: PSNR {vq['psnr']:.2f} dB (min {vq['psnr_min']:.2f}), "
               f"flicker {vq['flicker_reconstruction']:.2f} (source clips {vq['flicker_source']:.2f})")
+    if args.json:
+        path = Path(args.json)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(report, indent=1) + "\n")
+        print(path, file=sys.stderr)
+    return 0
+
+
+def _run_caches(args, pipe, prompts, samplers, steps, size, report) -> int:
+    """eval --cache: each cache setting against the uncached run (cache_report.compare)."""
+    from ..cache import parse_cache, resolve
+    from ..cache_report import compare, format_table, speed_quality_chart
+    from ..pipeline import is_released_size
+    from .generate import _Bar
+
+    settings = [resolve(parse_cache(spec), pipe.variant, released=is_released_size(pipe.transformer),
+                        model_dir=args.model, coefficients_file=args.cache_coefficients) for spec in args.cache]
+    if any(s is None for s in settings):
+        raise CogVXError("--cache off compares nothing: name a cache, e.g. --cache teacache:0.3.")
+    rows = []
+    for sampler in samplers:
+        for n in steps:
+            rows += compare(pipe, prompts, settings, sampler=sampler, steps=n, guidance=args.guidance, seed=args.seed,
+                            batch_size=args.batch_size, size=size, progress=_Bar)
+    print(format_table(rows))
+    report["cache"] = rows
+    if args.plot:
+        path = Path(args.plot)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        speed_quality_chart(rows).save(path)
+        print(path, file=sys.stderr)
     if args.json:
         path = Path(args.json)
         path.parent.mkdir(parents=True, exist_ok=True)
