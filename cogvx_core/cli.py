@@ -24,6 +24,7 @@ COMMANDS = {
     "train": "train",
     "bench-train": "bench_train",
     "calibrate-cache": "calibrate_cache",
+    "bench-speed": "bench_speed",
 }
 
 

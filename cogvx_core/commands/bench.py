@@ -33,6 +33,8 @@ def add_arguments(p) -> None:
     p.add_argument("--vae-repeats", type=int, default=1, help="VAE decodes per implementation (each in a fresh "
                    "process on CPU)")
     p.add_argument("--only", choices=["transformer", "vae"], help="run one of the two benchmarks")
+    p.add_argument("--compile", action="store_true", help="compile both transformers' blocks (regional "
+                   "torch.compile, the same for both) before timing")
 
 
 def _time_pair(ref_fn, our_fn, repeats: int, sync) -> tuple[float, float]:
@@ -84,6 +86,12 @@ def bench_transformer(args) -> dict:
     ref = CogVideoXTransformer3DModel(**cfg)
     ref.load_state_dict(ours.state_dict(), strict=False)
     ours, ref = ours.to(device, dtype).eval(), ref.to(device, dtype).eval()
+    if getattr(args, "compile", False):
+        from ..compile import compile_blocks
+
+        compile_blocks(ours)
+        for block in ref.transformer_blocks:  # diffusers' CogVideoX lists no repeated blocks: the same by hand
+            block.compile(dynamic=False, fullgraph=True)
 
     x = torch.randn(1, cfg["in_channels"], lat_t, lat_h, lat_w, generator=g).to(device, dtype)
     ctx = torch.randn(1, cfg["max_text_seq_length"], cfg["text_embed_dim"], generator=g).to(device, dtype)
