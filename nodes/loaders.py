@@ -59,6 +59,7 @@ class CogVXModel:
     # [(cogvx_core.lora.Lora, strength), ...]: set by a LoRA node on its own copy of the handle; the sampler makes
     # exactly these the transformer's LoRAs before each run (the transformer object is shared by every handle).
     loras: tuple = ()
+    cache: object = None  # a cache.StepCache set by CogVXCache on its own copy of the handle
 
     @property
     def variant(self) -> Variant:
