@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import shutil
 
-import torch
-
 from .errors import CogVXError
 
 

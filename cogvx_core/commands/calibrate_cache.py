@@ -66,17 +66,12 @@ def _prompts(args, builtin: bool) -> list[str]:
 def run(args) -> int:
     from ..cache import CACHE_FILE
     from ..calibrate import calibrate, write_calibration
-    from ..models import TINY_MODEL, builtin_models
+    from ..models import TINY_MODEL
     from ..pipeline import is_released_size, load_pipeline
-    from .eval import _int_list
+    from .eval import _int_list, model_folder
     from .generate import _Bar, _parse_lora
 
-    if args.model is None:
-        if not builtin_models():
-            raise CogVXError(f"No --model given and the built-in model is missing ({TINY_MODEL}); pass --model.")
-        args.model = str(TINY_MODEL)
-    if not Path(args.model).is_dir():
-        raise CogVXError(f"--model {args.model}: no such folder.")
+    args.model = model_folder(args.model)
     if args.lora and not args.out:
         raise CogVXError("--lora: give --out FILE too; a calibration with a LoRA belongs to that LoRA, not beside the "
                          "base model. Pass the file to generate with --cache-coefficients.")

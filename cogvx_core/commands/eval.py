@@ -24,6 +24,26 @@ def _int_list(text: str) -> list[int]:
     return values
 
 
+def model_folder(model: str | None) -> str:
+    """--model, or the built-in model when none is given; a clear error when the folder is missing."""
+    from ..models import TINY_MODEL, builtin_models
+
+    if model is None:
+        if not builtin_models():
+            raise CogVXError(f"No --model given and the built-in model is missing ({TINY_MODEL}); pass --model.")
+        return str(TINY_MODEL)
+    if not Path(model).is_dir():
+        raise CogVXError(f"--model {model}: no such folder.")
+    return model
+
+
+def _write_json(path: str, report: dict) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=1) + "\n")
+    print(path, file=sys.stderr)
+
+
 def add_arguments(p) -> None:
     p.add_argument("--model", help="diffusers-format model folder (default: the built-in cogvx-tiny)")
     p.add_argument("--prompts", type=int, default=50, help="held-out prompts per setting (default 50)")
@@ -46,7 +66,6 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
-    from ..models import TINY_MODEL, builtin_models
     from ..pipeline import load_pipeline
     from ..quality import adherence, benchmark_prompts, format_table, heldout_clips, model_size, vae_quality
     from .generate import _Bar, _parse_lora
@@ -56,12 +75,7 @@ def run(args) -> int:
     if bad or not samplers:
         raise CogVXError(f"--samplers {args.samplers!r}: choose from ddim, dpm (comma separated).")
     steps = _int_list(args.steps)
-    if args.model is None:
-        if not builtin_models():
-            raise CogVXError(f"No --model given and the built-in model is missing ({TINY_MODEL}); pass --model.")
-        args.model = str(TINY_MODEL)
-    if not Path(args.model).is_dir():
-        raise CogVXError(f"--model {args.model}: no such folder.")
+    args.model = model_folder(args.model)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     pipe = load_pipeline(args.model, device=device)
     if args.lora:
@@ -93,10 +107,7 @@ def run(args) -> int:
         print(f"\nVAE on {vq['clips']} held-out clips: PSNR {vq['psnr']:.2f} dB (min {vq['psnr_min']:.2f}), "
               f"flicker {vq['flicker_reconstruction']:.2f} (source clips {vq['flicker_source']:.2f})")
     if args.json:
-        path = Path(args.json)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(report, indent=1) + "\n")
-        print(path, file=sys.stderr)
+        _write_json(args.json, report)
     return 0
 
 
@@ -124,8 +135,5 @@ def _run_caches(args, pipe, prompts, samplers, steps, size, report) -> int:
         speed_quality_chart(rows).save(path)
         print(path, file=sys.stderr)
     if args.json:
-        path = Path(args.json)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(report, indent=1) + "\n")
-        print(path, file=sys.stderr)
+        _write_json(args.json, report)
     return 0
