@@ -151,3 +151,28 @@ def test_calibrate_fits_the_model_it_runs(tiny):
     # the fitted curve passes near the measured output changes
     pred = [polynomial(t["coefficients"], x) for x in result["points"]["x"]]
     assert np.mean(np.abs(np.subtract(pred, result["points"]["y"]))) < 0.5 * np.mean(result["points"]["y"])
+
+
+def test_video_psnr():
+    from cogvx_core.cache_report import video_psnr
+
+    a = torch.zeros(2, 4, 4, 3)
+    assert video_psnr(a, a) == 100.0
+    b = a.clone()
+    b[0, 0, 0, 0] = 1.0  # one value off by the full range in 96: mse 1/96
+    assert abs(video_psnr(a, b) - 10 * np.log10(96)) < 1e-4
+
+
+def test_compare_rows_against_the_uncached_run(tiny):
+    from cogvx_core.cache_report import compare, format_table, speed_quality_chart
+
+    settings = [StepCache("fbcache", 0.0), StepCache("teacache", 1e9, LINEAR, "test")]
+    rows = compare(tiny, PROMPTS * 2, settings, sampler="ddim", steps=5, batch_size=2, size=(9, 64, 64))
+    off, exact, skipping = rows
+    assert [r["cache"] for r in rows] == ["off", "fbcache:0", "teacache:1e+09"]
+    assert off["passes_computed"] == exact["passes_computed"] == 10 and exact["psnr_min"] == 100.0  # 2 batches
+    assert (skipping["passes_computed"], skipping["passes_skipped"]) == (4, 6)
+    assert skipping["psnr_mean"] < 100 and skipping["coefficients"] == "test"
+    assert all(0 <= r["adherence"] <= 1 and r["cpu_seconds"] > 0 for r in rows)
+    assert "| ddim | 5 | teacache:1e+09 |" in format_table(rows)
+    assert speed_quality_chart(rows).size == (720, 420)
