@@ -28,19 +28,19 @@ SMALL = dict(variant="5b", layers=2, heads=2, head_dim=64, frames=9, height=64, 
 
 
 def add_arguments(p) -> None:
-    p.add_argument("--variant", default="5b")
+    p.add_argument("--variant", default="5b", help="architecture (random weights)")
     p.add_argument("--layers", type=int, help="transformer blocks (default: the released model's)")
-    p.add_argument("--frames", type=int, default=49)
-    p.add_argument("--height", type=int, default=480)
-    p.add_argument("--width", type=int, default=720)
-    p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--dtype", choices=list(DTYPES), default="bfloat16")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--frames", type=int, default=49, help="pixel frames")
+    p.add_argument("--height", type=int, default=480, help="pixel height")
+    p.add_argument("--width", type=int, default=720, help="pixel width")
+    p.add_argument("--steps", type=int, default=50, help="sampling steps (DDIM, guidance 6)")
+    p.add_argument("--dtype", choices=list(DTYPES), default="bfloat16", help="compute dtype")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu")
     p.add_argument("--settings", default=",".join(SETTINGS + REFERENCE_SETTINGS),
                    help="comma separated, from " + ", ".join(SETTINGS + REFERENCE_SETTINGS))
     p.add_argument("--teacache", type=float, default=0.3, help="TeaCache threshold of compiled+teacache")
     p.add_argument("--small", action="store_true", help="a small config for a CPU smoke run (overrides sizes)")
-    p.add_argument("--json", metavar="FILE")
+    p.add_argument("--json", metavar="FILE", help="also write the rows as JSON")
 
 
 def _sync(device: torch.device) -> None:

@@ -27,18 +27,17 @@ def add_arguments(p) -> None:
     p.add_argument("--model", help="diffusers-format model folder (default: the built-in cogvx-tiny)")
     p.add_argument("--lora", action="append", default=[], metavar="PATH[:STRENGTH]",
                    help="calibrate the model with this LoRA applied (repeatable); needs --out")
-    p.add_argument("--prompts", type=int, default=8, help="prompts to generate (default 8)")
+    p.add_argument("--prompts", type=int, default=8, help="prompts to generate")
     p.add_argument("--prompt-file", help="a text file with one prompt a line (default: the built-in model's "
                    "training captions, or a few generic prompts for other models)")
-    p.add_argument("--steps", default="25,50", help="step counts to run each prompt at, comma separated "
-                   "(default 25,50)")
-    p.add_argument("--sampler", choices=["ddim", "dpm"], default="ddim")
-    p.add_argument("--guidance", type=float, default=6.0)
-    p.add_argument("--frames", type=int)
-    p.add_argument("--height", type=int)
-    p.add_argument("--width", type=int)
-    p.add_argument("--batch-size", type=int, default=4, help="videos generated together (default 4)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", default="25,50", help="step counts to run each prompt at, comma separated")
+    p.add_argument("--sampler", choices=["ddim", "dpm"], default="ddim", help="sampler of the calibration runs")
+    p.add_argument("--guidance", type=float, default=6.0, help="classifier-free guidance scale")
+    p.add_argument("--frames", type=int, help="pixel frames (default: the model's)")
+    p.add_argument("--height", type=int, help="pixel height (default: the model's)")
+    p.add_argument("--width", type=int, help="pixel width (default: the model's)")
+    p.add_argument("--batch-size", type=int, default=4, help="videos generated together")
+    p.add_argument("--seed", type=int, default=0, help="seed of the first batch (batch i uses seed + i)")
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     p.add_argument("--out", help="calibration file to write (default: cogvx_cache.json in the model folder, which "
                    "generate, eval and the nodes then use for this model)")

@@ -46,7 +46,7 @@ def add_speed_arguments(p) -> None:
     """--cache, --cache-coefficients and --compile (generate and eval)."""
     p.add_argument("--cache", metavar="teacache[:T]|fbcache[:T]", help="step caching: skip the transformer's blocks "
                    "on steps where they would barely change (TeaCache default threshold 0.3, first-block cache 0.1; "
-                   "higher is faster and less exact); default off")
+                   "higher is faster and less exact; default: off)")
     p.add_argument("--cache-coefficients", metavar="FILE", help="TeaCache coefficients from calibrate-cache (default: "
                    "cogvx_cache.json in the model folder, else the published ones of a released model)")
     p.add_argument("--compile", action="store_true", help="torch.compile the transformer blocks (one graph shared "
