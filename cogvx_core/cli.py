@@ -26,6 +26,8 @@ COMMANDS = {
     "bench-train": "bench_train",
     "bench-vae": "bench_vae",
     "bench-gpu": "bench_gpu",
+    "calibrate-cache": "calibrate_cache",
+    "bench-speed": "bench_speed",
 }
 
 

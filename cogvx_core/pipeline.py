@@ -22,6 +22,7 @@ from typing import Callable
 
 import torch
 
+from .cache import CacheRun, StepCache, attached
 from .checks import check_generate_inputs
 from .errors import CancelledError, CheckpointError, CogVXError
 from .noise import randn_like_reference
@@ -50,6 +51,7 @@ class Generation:
     height: int
     width: int
     notes: list[str] = field(default_factory=list)
+    passes: CacheRun | None = None  # transformer passes computed and skipped (passes.summary())
 
 
 @dataclass
@@ -199,8 +201,10 @@ def denoise(transformer: CogVideoXTransformer, latents: torch.Tensor, *, cond: t
             uncond: torch.Tensor | None, schedule: NoiseSchedule, timesteps, num_steps: int, sampler: str = "ddim",
             guidance: float = 6.0, dynamic_cfg: bool = False, generator: torch.Generator | None = None,
             image_latents: torch.Tensor | None = None, ofs: float | None = 2.0,
-            callback: StepCallback | None = None) -> torch.Tensor:
-    """The sampling loop on model-scale latents (B, C, T, h, w): CFG batches are [uncond, cond] as the reference's."""
+            callback: StepCallback | None = None, cache_run: CacheRun | None = None) -> torch.Tensor:
+    """The sampling loop on model-scale latents (B, C, T, h, w): CFG batches are [uncond, cond] as the reference's.
+
+    cache_run: a cache.CacheRun for len(timesteps) steps; each pass goes through it (step caching, pass counts)."""
     if sampler not in SAMPLERS:
         raise CogVXError(f"Unknown sampler {sampler!r}; use one of {', '.join(SAMPLERS)}.")
     ofs_t = (torch.full((1,), float(ofs), device=latents.device, dtype=latents.dtype)
@@ -221,8 +225,9 @@ def denoise(transformer: CogVideoXTransformer, latents: torch.Tensor, *, cond: t
             return v_cond, v_uncond
         return v, None
 
-    return sample(predict, latents, schedule=schedule, timesteps=timesteps, sampler=sampler, guidance=guidance,
-                  dynamic_cfg=dynamic_cfg, generator=generator, callback=callback, num_steps=num_steps)
+    with attached(transformer, cache_run):
+        return sample(predict, latents, schedule=schedule, timesteps=timesteps, sampler=sampler, guidance=guidance,
+                      dynamic_cfg=dynamic_cfg, generator=generator, callback=callback, num_steps=num_steps)
 
 
 def to_raw(latents: torch.Tensor, pad: int, scaling_factor: float) -> torch.Tensor:
@@ -284,8 +289,11 @@ class CogVideoXPipeline:
                  steps: int = 50, guidance: float = 6.0, dynamic_cfg: bool = False, sampler: str = "ddim",
                  seed: int | None = None, generator: torch.Generator | None = None,
                  progress: Progress | None = None, cancel: Callable[[], bool] | None = None,
-                 decode_frames: bool = True, tiling: Tiling | None = None) -> Generation:
-        """image, end_image: (B, 3, H, W) in [-1, 1] at (height, width); video: (B, 3, T, H, W) in [-1, 1] for V2V."""
+                 decode_frames: bool = True, tiling: Tiling | None = None,
+                 cache: StepCache | CacheRun | None = None) -> Generation:
+        """image, end_image: (B, 3, H, W) in [-1, 1] at (height, width); video: (B, 3, T, H, W) in [-1, 1] for V2V.
+        cache: step caching (cache.parse_cache, with TeaCache's coefficients resolved: cache.resolve), or a CacheRun
+        for this run's steps to use as it is."""
         check_generate_inputs(image=image, video=video, cond=cond, uncond=uncond, frames=frames, height=height,
                               width=width, steps=steps, seed=seed)
         variant, transformer = self.variant, self.transformer
@@ -344,17 +352,18 @@ class CogVideoXPipeline:
             if cancel is not None and cancel():
                 raise CancelledError("generation cancelled")
 
+        passes = cache if isinstance(cache, CacheRun) else CacheRun(cache, len(prepared.timesteps))
         with self.offload.stage(transformer, transformer=True):
             latents = denoise(transformer, prepared.latents, cond=cond, uncond=uncond, schedule=self.schedule,
                               timesteps=prepared.timesteps, num_steps=steps, sampler=sampler, guidance=guidance,
                               dynamic_cfg=dynamic_cfg, generator=generator, image_latents=prepared.image_latents,
-                              callback=on_step)
+                              callback=on_step, cache_run=passes)
         raw = to_raw(latents, prepared.pad, sf)
         frames_out = None
         if decode_frames:
             with self.offload.stage(self.vae):
                 frames_out = decode(self.vae, raw, tiling=tiling)
-        return Generation(frames_out, raw, frames, height, width, notes)
+        return Generation(frames_out, raw, frames, height, width, notes, passes)
 
 
 def load_pipeline(path: str | Path, dtype: torch.dtype | None = None, device: torch.device | str | None = None,

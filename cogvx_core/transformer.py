@@ -98,6 +98,7 @@ class CogVideoXTransformer(nn.Module):
         self.proj_out = ops.Linear(dim, self.patch_size**2 * self.patch_size_t * self.out_channels, **kw)
         self.gradient_checkpointing = False
         self.attention_backend = "sdpa"
+        self.step_cache = None  # a cache.CacheRun while a cached sampling run is going on
 
     @staticmethod
     def _check_config(cfg: dict) -> None:
@@ -223,6 +224,16 @@ class CogVideoXTransformer(nn.Module):
             raise CogVXError(f"{self.name} needs exactly {cfg['max_text_seq_length']} text tokens (its learned "
                              f"positions cover them); got {context.shape[1]}.")
 
+    def run_blocks(self, tokens: torch.Tensor, temb: torch.Tensor, text_len: int, rope: torch.Tensor | None,
+                   start: int = 0, stop: int | None = None) -> torch.Tensor:
+        """Blocks start..stop-1 on tokens (B, S, D); in place when no gradient is needed."""
+        for block in self.transformer_blocks[start:stop]:
+            if self.gradient_checkpointing and torch.is_grad_enabled():
+                tokens = torch.utils.checkpoint.checkpoint(block, tokens, temb, text_len, rope, use_reentrant=False)
+            else:
+                tokens = block(tokens, temb, text_len, rope)
+        return tokens
+
     def forward(self, x: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor,
                 ofs: torch.Tensor | None = None) -> torch.Tensor:
         self.check_input(x, context)
@@ -244,11 +255,10 @@ class CogVideoXTransformer(nn.Module):
         if table is not None:
             tokens = tokens + table.to(dtype)[-tokens.shape[1]:]  # 2b/5b-I2V: (text +) video rows
 
-        for block in self.transformer_blocks:
-            if self.gradient_checkpointing and torch.is_grad_enabled():
-                tokens = torch.utils.checkpoint.checkpoint(block, tokens, temb, text_len, rope, use_reentrant=False)
-            else:
-                tokens = block(tokens, temb, text_len, rope)
+        if self.step_cache is not None:  # cache.CacheRun: may reuse the blocks' cached residual instead
+            tokens = self.step_cache.blocks(self, tokens, temb, text_len, rope)
+        else:
+            tokens = self.run_blocks(tokens, temb, text_len, rope)
 
         video = self.norm_final(tokens[:, text_len:])  # (B, N, D)
         shift, scale = self.norm_out.linear(self.norm_out.silu(temb))[:, None].chunk(2, dim=-1)

@@ -3,7 +3,7 @@
 Node ids are permanent (saved workflows refer to them): never rename one; add a new input with a default instead.
 """
 
-from . import caption, conditioning, decode, loaders, lora, sampling, training
+from . import cache, caption, conditioning, decode, loaders, lora, sampling, training
 
 NODES = {  # id: (class, display name)
     "CogVXModelLoader": (loaders.CogVXModelLoader, "CogVX Model Loader"),
@@ -14,6 +14,7 @@ NODES = {  # id: (class, display name)
     "CogVXImageToVideo": (conditioning.CogVXImageToVideo, "CogVX Image to Video"),
     "CogVXVideoEncode": (conditioning.CogVXVideoEncode, "CogVX Video Encode"),
     "CogVXLoraLoader": (lora.CogVXLoraLoader, "CogVX LoRA Loader"),
+    "CogVXCache": (cache.CogVXCache, "CogVX Cache"),
     "CogVXSampler": (sampling.CogVXSampler, "CogVX Sampler"),
     "CogVXDecode": (decode.CogVXDecode, "CogVX Decode"),
     "CogVXLLMLoader": (caption.CogVXLLMLoader, "CogVX LLM Loader"),

@@ -26,6 +26,9 @@ ddp = import_module(f"{_package.__name__}.train.ddp")
 
 [CogVXError] = _names("errors", "CogVXError")
 denoise_note, image_notes = _names("checks", "denoise_note image_notes")
+CACHE_KINDS, DEFAULT_THRESHOLDS, CacheRun, StepCache, resolve_cache = _names(
+    "cache", "CACHE_KINDS DEFAULT_THRESHOLDS CacheRun StepCache resolve")
+[compile_blocks] = _names("compile", "compile_blocks")
 [Lora] = _names("checkpoints.lora", "Lora")
 [load_transformer] = _names("checkpoints.transformer", "load_transformer")
 [load_vae] = _names("checkpoints.vae", "load_vae")

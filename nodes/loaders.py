@@ -39,7 +39,7 @@ from . import host, preview
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 DTYPE_CHOICES = ["auto", *DTYPES]
-WEIGHT_STORAGE = ["default", "fp8_e4m3fn"]
+WEIGHT_STORAGE = ["default", "fp8_e4m3fn", "fp8_e4m3fn_fast"]
 SUFFIX = ".safetensors"
 
 
@@ -59,6 +59,7 @@ class CogVXModel:
     # [(cogvx_core.lora.Lora, strength), ...]: set by a LoRA node on its own copy of the handle; the sampler makes
     # exactly these the transformer's LoRAs before each run (the transformer object is shared by every handle).
     loras: tuple = ()
+    cache: object = None  # a cache.StepCache set by CogVXCache on its own copy of the handle
 
     @property
     def variant(self) -> Variant:
@@ -170,7 +171,9 @@ class CogVXModelLoader:
                 "weight_storage": (WEIGHT_STORAGE, {"default": "default", "tooltip": "fp8_e4m3fn stores the big "
                                                     "matmul weights in fp8 (half the memory of bf16; slightly lower "
                                                     "quality). default keeps the file's storage (fp8 files stay "
-                                                    "fp8)."}),
+                                                    "fp8). fp8_e4m3fn_fast also multiplies in fp8 "
+                                                    "(per-tensor scales) on GPUs that can (compute capability 8.9+: "
+                                                    "RTX 40xx, H100); elsewhere it acts as fp8_e4m3fn."}),
                 "attention": (available_attention_backends(), {"default": "sdpa", "tooltip": "Attention kernel. "
                                                                "sdpa (PyTorch) always works; others appear when "
                                                                "installed."}),

@@ -13,6 +13,7 @@ import logging
 import torch
 
 from .core import (
+    CacheRun,
     applied_loras,
     apply_loras,
     CogVXError,
@@ -163,12 +164,17 @@ class CogVXSampler:
             image = preview.latent_to_image(to_raw(x0, prepared.pad, sf), colours) if show else None
             bar.update(i + 1, image)
 
+        passes = CacheRun(model.cache, len(prepared.timesteps))
         with torch.no_grad():
             out = run_denoise(transformer, prepared.latents, cond=cond.to(device, dtype),
                               uncond=None if uncond is None else uncond.to(device, dtype), schedule=model.schedule,
                               timesteps=prepared.timesteps, num_steps=steps, sampler=sampler, guidance=float(cfg),
                               dynamic_cfg=bool(dynamic_cfg), generator=generator,
-                              image_latents=prepared.image_latents, callback=on_step)
+                              image_latents=prepared.image_latents, callback=on_step, cache_run=passes)
+        if model.cache is not None:
+            host.say(passes.summary(), unique_id)
+        else:
+            log.info(passes.summary())
         result = {"samples": to_raw(out, prepared.pad, sf).float().to(host.intermediate_device())}
         if colours is not None:
             result[preview.KEY] = colours

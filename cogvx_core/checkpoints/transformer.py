@@ -22,6 +22,7 @@ from .io import SafetensorsHeader, fill_module, folder_weight_files, iter_tensor
 log = logging.getLogger(__name__)
 
 FP8_DTYPES = {"fp8_e4m3fn": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
+FP8_FAST = "fp8_e4m3fn_fast"  # fp8 storage with per-tensor scales, fp8 matmuls (modules/fp8.py)
 
 # ---------------------------------------------------------------------------------------------------------------
 # Key layouts
@@ -219,7 +220,9 @@ def load_transformer(path: str | Path, dtype: torch.dtype | None = None, device:
     """Loads a CogVideoX transformer from a diffusers folder or a single .safetensors file.
 
     dtype: compute dtype (default: the file's floating dtype; bf16 for fp8 files).
-    weight_dtype: "fp8_e4m3fn" stores the big matmul weights in fp8 (half the memory of bf16), computing in `dtype`.
+    weight_dtype: "fp8_e4m3fn" stores the big matmul weights in fp8 (half the memory of bf16), computing in `dtype`;
+    "fp8_e4m3fn_fast" stores them in fp8 with per-tensor scales and multiplies in fp8 where the GPU can
+    (modules/fp8.py; loads in `dtype` first, then quantizes).
     variant: the expected variant ("5b", ...); a file of another variant is refused.
     operations: the layer classes to build from (modules/ops.py; e.g. a host's casting layers), default the core's.
     """
@@ -237,11 +240,15 @@ def load_transformer(path: str | Path, dtype: torch.dtype | None = None, device:
     wide = [d for d in float_dtypes if d.itemsize > 1]
     file_dtype = max(set(wide), key=wide.count) if wide else torch.bfloat16
     scaled = any(k.endswith("scale_weight") for k in keys)
+    fast = weight_dtype == FP8_FAST
+    if fast:
+        weight_dtype = None
     if isinstance(weight_dtype, str):
         if weight_dtype in ("default", "auto", "none", ""):
             weight_dtype = None
         elif weight_dtype not in FP8_DTYPES:
-            raise CheckpointError(f"weight_dtype {weight_dtype!r}: use one of {', '.join(FP8_DTYPES)} or None.")
+            raise CheckpointError(f"weight_dtype {weight_dtype!r}: use one of {', '.join(FP8_DTYPES)}, {FP8_FAST} or "
+                                  "None.")
         else:
             weight_dtype = FP8_DTYPES[weight_dtype]
     if weight_dtype is None and file_fp8 is not None and not scaled:
@@ -265,6 +272,10 @@ def load_transformer(path: str | Path, dtype: torch.dtype | None = None, device:
     if unexpected:
         log.warning("%s: ignored %d unexpected tensors (e.g. %s)", source, len(unexpected), ", ".join(unexpected[:3]))
     model.set_attention_backend(attention)
+    if fast:
+        from ..modules.fp8 import to_fp8_fast
+
+        to_fp8_fast(model, names=_is_fp8_weight)
     model.name = model_name(path)
     return model.eval().requires_grad_(False)
 

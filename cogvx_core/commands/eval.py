@@ -2,19 +2,19 @@
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 from pathlib import Path
 
 import torch
 
+from ..checkpoints.io import write_json
 from ..errors import CogVXError
 
 HELP = "quality benchmark: prompt adherence on held-out synthetic prompts (DDIM/DPM x steps), VAE PSNR and flicker"
 
 
-def _int_list(text: str) -> list[int]:
+def int_list(text: str) -> list[int]:
     try:
         values = [int(v) for v in text.split(",") if v.strip()]
     except ValueError:
@@ -22,6 +22,25 @@ def _int_list(text: str) -> list[int]:
     if not values or min(values) < 1:
         raise CogVXError(f"{text!r}: give step counts of at least 1, e.g. 10,25,50.")
     return values
+
+
+def model_folder(model: str | None) -> str:
+    """--model, or the built-in model when none is given; a clear error when the folder is missing."""
+    from ..models import TINY_MODEL, builtin_models
+
+    if model is None:
+        if not builtin_models():
+            raise CogVXError(f"No --model given and the built-in model is missing ({TINY_MODEL}); pass --model.")
+        return str(TINY_MODEL)
+    if not Path(model).is_dir():
+        raise CogVXError(f"--model {model}: no such folder.")
+    return model
+
+
+def write_report(path: str, report: dict) -> None:
+    """The JSON report (written whole or not at all), its path on stderr."""
+    write_json(path, report)
+    print(path, file=sys.stderr)
 
 
 def add_arguments(p) -> None:
@@ -37,11 +56,15 @@ def add_arguments(p) -> None:
     p.add_argument("--vae-clips", type=int, default=32, help="held-out clips for the VAE PSNR (0: skip; default 32)")
     p.add_argument("--lora", action="append", default=[], metavar="PATH[:STRENGTH]", help="apply a LoRA (repeatable)")
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--cache", action="append", default=[], metavar="teacache[:T]|fbcache[:T]",
+                   help="also run with this step cache (repeatable) and compare each to the uncached run: adherence, "
+                   "passes computed/skipped, wall time, PSNR to the uncached video of the same seed")
+    p.add_argument("--cache-coefficients", metavar="FILE", help="TeaCache coefficients from calibrate-cache")
+    p.add_argument("--plot", metavar="PNG", help="with --cache: a chart of speed-up against PSNR")
     p.add_argument("--json", metavar="FILE", help="also write every number (and each prompt's verdict) as JSON")
 
 
 def run(args) -> int:
-    from ..models import TINY_MODEL, builtin_models
     from ..pipeline import load_pipeline
     from ..recipes.quality import adherence, benchmark_prompts, format_table, heldout_clips, model_size, vae_quality
     from .common import ProgressBar, parse_lora
@@ -50,13 +73,8 @@ def run(args) -> int:
     bad = [s for s in samplers if s not in ("ddim", "dpm")]
     if bad or not samplers:
         raise CogVXError(f"--samplers {args.samplers!r}: choose from ddim, dpm (comma separated).")
-    steps = _int_list(args.steps)
-    if args.model is None:
-        if not builtin_models():
-            raise CogVXError(f"No --model given and the built-in model is missing ({TINY_MODEL}); pass --model.")
-        args.model = str(TINY_MODEL)
-    if not Path(args.model).is_dir():
-        raise CogVXError(f"--model {args.model}: no such folder.")
+    steps = int_list(args.steps)
+    args.model = model_folder(args.model)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     pipe = load_pipeline(args.model, device=device)
     if args.lora:
@@ -70,6 +88,8 @@ def run(args) -> int:
                     "lora": args.lora, "adherence": []}
     print(f"{len(prompts)} {args.split} prompts, {size[2]}x{size[1]}, {size[0]} frames, guidance {args.guidance}",
           file=sys.stderr)
+    if args.cache:
+        return _run_caches(args, pipe, prompts, samplers, steps, size, report)
     print(format_table([]), flush=True)  # the table's header now, each row as its setting finishes
     for sampler in samplers:
         for n in steps:
@@ -85,8 +105,33 @@ def run(args) -> int:
         print(f"\nVAE on {vq['clips']} held-out clips: PSNR {vq['psnr']:.2f} dB (min {vq['psnr_min']:.2f}), "
               f"flicker {vq['flicker_reconstruction']:.2f} (source clips {vq['flicker_source']:.2f})")
     if args.json:
-        path = Path(args.json)
+        write_report(args.json, report)
+    return 0
+
+
+def _run_caches(args, pipe, prompts, samplers, steps, size, report) -> int:
+    """eval --cache: each cache setting against the uncached run (cache_report.compare)."""
+    from ..cache import parse_cache, resolve
+    from ..recipes.cache_report import compare, format_table, speed_quality_chart
+    from ..pipeline import is_released_size
+    from .common import ProgressBar
+
+    settings = [resolve(parse_cache(spec), pipe.variant, released=is_released_size(pipe.transformer),
+                        model_dir=args.model, coefficients_file=args.cache_coefficients) for spec in args.cache]
+    if any(s is None for s in settings):
+        raise CogVXError("--cache off compares nothing: name a cache, e.g. --cache teacache:0.3.")
+    rows = []
+    for sampler in samplers:
+        for n in steps:
+            rows += compare(pipe, prompts, settings, sampler=sampler, steps=n, guidance=args.guidance, seed=args.seed,
+                            batch_size=args.batch_size, size=size, progress=ProgressBar)
+    print(format_table(rows))
+    report["cache"] = rows
+    if args.plot:
+        path = Path(args.plot)
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(report, indent=1) + "\n")
+        speed_quality_chart(rows).save(path)
         print(path, file=sys.stderr)
+    if args.json:
+        write_report(args.json, report)
     return 0

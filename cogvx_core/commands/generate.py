@@ -42,9 +42,38 @@ def add_arguments(p) -> None:
     p.add_argument("--fps", type=float, help="frames per second of the written video (default: the model's)")
     p.add_argument("--lora", action="append", default=[], metavar="PATH[:STRENGTH]",
                    help="apply a LoRA (repeatable); strength defaults to 1.0")
+    add_speed_arguments(p)
     p.add_argument("--out", help=".mp4/.webm/.gif writes a video; any other path a folder of PNGs (required "
                    "unless --plan)")
     memory_args.add_arguments(p)
+
+
+def add_speed_arguments(p) -> None:
+    """--cache, --cache-coefficients and --compile (generate and eval)."""
+    p.add_argument("--cache", metavar="teacache[:T]|fbcache[:T]", help="step caching: skip the transformer's blocks "
+                   "on steps where they would barely change (TeaCache default threshold 0.3, first-block cache 0.1; "
+                   "higher is faster and less exact; default: off)")
+    p.add_argument("--cache-coefficients", metavar="FILE", help="TeaCache coefficients from calibrate-cache (default: "
+                   "cogvx_cache.json in the model folder, else the published ones of a released model)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the transformer blocks (one graph shared "
+                   "by every block; the first step compiles)")
+
+
+def speed_settings(args, pipe):
+    """The run's StepCache (coefficients resolved) from --cache; compiles the blocks for --compile."""
+    from ..cache import parse_cache, resolve
+    from ..pipeline import is_released_size
+
+    if args.compile:
+        from ..compile import compile_blocks
+
+        compile_blocks(pipe.transformer)
+    cache = parse_cache(args.cache)
+    if cache is None and args.cache_coefficients:
+        raise CogVXError("--cache-coefficients needs --cache teacache[:THRESHOLD].")
+    return resolve(cache, pipe.variant, released=is_released_size(pipe.transformer), model_dir=args.model,
+                   coefficients_file=args.cache_coefficients)
+
 
 
 def run(args) -> int:
@@ -87,6 +116,7 @@ def run(args) -> int:
         from ..lora import apply_loras, load_lora
 
         apply_loras(pipe.transformer, [(load_lora(p), s) for p, s in map(parse_lora, args.lora)])
+    cache = speed_settings(args, pipe)
 
     height, width = args.height, args.width  # unset: the model's own defaults (the pipeline fills them in)
     image = end_image = video = None
@@ -112,7 +142,8 @@ def run(args) -> int:
                            strength=args.strength,
                            frames=args.frames, height=height, width=width, steps=args.steps,
                            guidance=args.guidance, dynamic_cfg=args.dynamic_cfg, sampler=args.sampler,
-                           seed=args.seed, progress=ProgressBar("sampling"), **memory.tile_args)
+                           seed=args.seed, progress=ProgressBar("sampling"), cache=cache, **memory.tile_args)
+    print(result.passes.summary(), file=sys.stderr)
     for note in notes:  # the pipeline's own notes were logged as they arose: printed once, not again here
         print(f"note: {note}", file=sys.stderr)
     out = write_frames(result.frames[0], args.out, fps=args.fps or variant.fps)

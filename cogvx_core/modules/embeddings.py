@@ -111,16 +111,18 @@ def rope_3d_angles(head_dim: int, frames: int, height: int, width: int, *, base_
 
 
 def rope_rotation(angles: torch.Tensor) -> torch.Tensor:
-    """Angles (N, head_dim/2) -> unit complex rotations (N, head_dim/2) complex64, computed as cos + i*sin."""
-    return torch.complex(torch.cos(angles), torch.sin(angles))
+    """Angles (N, head_dim/2) -> rotations (N, head_dim/2, 2) float32: (cos, sin) pairs. Real-valued rather than
+    complex, so torch.compile (inductor) fuses the rotation instead of falling back to eager complex kernels."""
+    return torch.stack([torch.cos(angles), torch.sin(angles)], dim=-1)
 
 
 def apply_rope(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
-    """Rotates interleaved feature pairs (x0, x1), (x2, x3), ... of x (..., head_dim) by complex rotations that
-    broadcast against (..., head_dim/2).
+    """Rotates interleaved feature pairs (x0, x1), (x2, x3), ... of x (..., head_dim) by (cos, sin) pairs that
+    broadcast against (..., head_dim/2, 2).
 
-    (x0 + i x1)(cos + i sin) = (x0 cos - x1 sin) + i (x1 cos + x0 sin): the reference's real-valued rotation,
-    done in fp32 and cast back like the reference.
+    (x0, x1) -> (x0 cos - x1 sin, x1 cos + x0 sin): the reference's real-valued rotation (the same products and sums
+    as a complex product, bit for bit), done in fp32 and cast back like the reference.
     """
-    xc = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))  # (..., N, head_dim/2)
-    return torch.view_as_real(xc * rotation).flatten(-2).to(x.dtype)
+    x0, x1 = x.float().reshape(*x.shape[:-1], -1, 2).unbind(-1)  # (..., N, head_dim/2) each
+    cos, sin = rotation.unbind(-1)
+    return torch.stack([x0 * cos - x1 * sin, x1 * cos + x0 * sin], dim=-1).flatten(-2).to(x.dtype)

@@ -59,6 +59,8 @@ class AdherenceResult:
     flicker: float = 0.0  # mean over the generated videos
     seconds: float = 0.0
     verdicts: list = field(default_factory=list)  # per prompt: {"prompt", attribute: bool, "found": {...}}
+    computed: int = 0  # transformer passes computed and skipped (step caching), over all batches
+    skipped: int = 0
 
     def rate(self, attribute: str = "all") -> float:
         return self.correct.get(attribute, 0) / max(self.n, 1)
@@ -66,7 +68,7 @@ class AdherenceResult:
     def to_dict(self, with_verdicts: bool = False) -> dict:
         d = {"sampler": self.sampler, "steps": self.steps, "n": self.n,
              **{a: round(self.rate(a), 4) for a in ATTRIBUTES}, "flicker": round(self.flicker, 3),
-             "seconds": round(self.seconds, 1)}
+             "seconds": round(self.seconds, 1), "passes_computed": self.computed, "passes_skipped": self.skipped}
         if with_verdicts:
             d["verdicts"] = self.verdicts
         return d
@@ -74,8 +76,9 @@ class AdherenceResult:
 
 def adherence(pipe, prompts: list[str], *, sampler: str = "ddim", steps: int = 50, guidance: float = 6.0,
               seed: int = 0, batch_size: int = 10, size: tuple[int, int, int] | None = None,
-              progress=None) -> AdherenceResult:
-    """Generates one video per prompt and judges it against its prompt."""
+              progress=None, cache=None, videos: list | None = None) -> AdherenceResult:
+    """Generates one video per prompt and judges it against its prompt. cache: a resolved cache.StepCache; videos:
+    a list the frames (T, H, W, 3) of each video are appended to."""
     frames, height, width = size or model_size(pipe)
     result = AdherenceResult(sampler, steps, len(prompts), {a: 0 for a in ATTRIBUTES})
     start = time.perf_counter()
@@ -85,7 +88,11 @@ def adherence(pipe, prompts: list[str], *, sampler: str = "ddim", steps: int = 5
         generator = torch.Generator("cpu").manual_seed(seed + b // batch_size)
         with torch.no_grad():
             out = pipe.generate(batch, "", frames=frames, height=height, width=width, steps=steps,
-                                guidance=guidance, sampler=sampler, generator=generator)
+                                guidance=guidance, sampler=sampler, generator=generator, cache=cache)
+        result.computed += out.passes.computed
+        result.skipped += out.passes.skipped
+        if videos is not None:
+            videos += list(out.frames)
         for prompt, video in zip(batch, out.frames):  # (T, H, W, 3) in [0, 1]
             verdict = judge(video, prompt)
             for a in ATTRIBUTES:
