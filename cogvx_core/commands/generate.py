@@ -91,6 +91,8 @@ def run(args) -> int:
         check_fps(args.fps)
     if args.end_image and not args.image:
         raise CogVXError("--end-image needs --image: the video starts on the start image and ends on the end image.")
+    if args.out and not args.plan:
+        check_writable(args.out)  # before minutes of loading and sampling
     if args.model is None:
         from ..models import TINY_MODEL, builtin_models
 
@@ -108,7 +110,6 @@ def run(args) -> int:
         return 0
     if not args.out:
         raise CogVXError("--out is required (a .mp4/.webm/.gif file or a folder for PNG frames).")
-    check_writable(args.out)  # before minutes of loading and sampling
     pipe = load_pipeline(args.model, dtype=dtype, device=device, offload=memory.offload,
                          text_weight_dtype=memory.text_weight_dtype, weight_dtype=args.weight_dtype)
     variant = pipe.variant
