@@ -24,6 +24,10 @@ import torch
 
 from .errors import CancelledError, CheckpointError, CogVXError
 from .noise import randn_like_reference
+from .parallel import cfg as cfg_parallel
+from .parallel.groups import ParallelGroups
+from .parallel.sequence import sequence_parallel
+from .parallel.vae_split import decode_split
 from .samplers import SAMPLERS, sample
 from .schedule import NoiseSchedule
 from .transformer import CogVideoXTransformer
@@ -198,8 +202,12 @@ def denoise(transformer: CogVideoXTransformer, latents: torch.Tensor, *, cond: t
             uncond: torch.Tensor | None, schedule: NoiseSchedule, timesteps, num_steps: int, sampler: str = "ddim",
             guidance: float = 6.0, dynamic_cfg: bool = False, generator: torch.Generator | None = None,
             image_latents: torch.Tensor | None = None, ofs: float | None = 2.0,
-            callback: StepCallback | None = None) -> torch.Tensor:
-    """The sampling loop on model-scale latents (B, C, T, h, w): CFG batches are [uncond, cond] as the reference's."""
+            callback: StepCallback | None = None, parallel: ParallelGroups | None = None) -> torch.Tensor:
+    """The sampling loop on model-scale latents (B, C, T, h, w): CFG batches are [uncond, cond] as the reference's.
+
+    parallel: run on several processes (parallel/): the CFG halves on two ranks and/or the video tokens split over a
+    sequence group. Every rank must call this with the same inputs; every rank returns the same latents.
+    """
     if sampler not in SAMPLERS:
         raise CogVXError(f"Unknown sampler {sampler!r}; use one of {', '.join(SAMPLERS)}.")
     ofs_t = (torch.full((1,), float(ofs), device=latents.device, dtype=latents.dtype)
@@ -208,20 +216,31 @@ def denoise(transformer: CogVideoXTransformer, latents: torch.Tensor, *, cond: t
     def predict(x: torch.Tensor, t: int, do_cfg: bool):
         if do_cfg and uncond is None:
             raise CogVXError("Guidance above 1 needs a negative (unconditional) prompt embedding.")
-        context = torch.cat([uncond, cond]) if do_cfg else cond
+        split_cfg = do_cfg and parallel is not None and parallel.cfg_degree == 2
+        if split_cfg:  # this rank's half only; the other half comes from its CFG partner
+            do_cfg, context = False, cfg_parallel.guidance_context(uncond, cond, parallel)
+        else:
+            context = torch.cat([uncond, cond]) if do_cfg else cond
         x_in = torch.cat([x, x]) if do_cfg else x
         if image_latents is not None:
             img = torch.cat([image_latents, image_latents]) if do_cfg else image_latents
             x_in = torch.cat([x_in, img], dim=1)  # noise channels first
         ts = torch.full((x_in.shape[0],), t, device=x.device, dtype=torch.long)
         v = transformer(x_in, ts, context, ofs_t)
+        if split_cfg:
+            v_uncond, v_cond = cfg_parallel.exchange(v, parallel)
+            return v_cond, v_uncond
         if do_cfg:
             v_uncond, v_cond = v.chunk(2)
             return v_cond, v_uncond
         return v, None
 
-    return sample(predict, latents, schedule=schedule, timesteps=timesteps, sampler=sampler, guidance=guidance,
-                  dynamic_cfg=dynamic_cfg, generator=generator, callback=callback, num_steps=num_steps)
+    if parallel is None:
+        return sample(predict, latents, schedule=schedule, timesteps=timesteps, sampler=sampler, guidance=guidance,
+                      dynamic_cfg=dynamic_cfg, generator=generator, callback=callback, num_steps=num_steps)
+    with sequence_parallel(transformer, parallel), cfg_parallel.cfg_parallel(transformer, parallel):
+        return sample(predict, latents, schedule=schedule, timesteps=timesteps, sampler=sampler, guidance=guidance,
+                      dynamic_cfg=dynamic_cfg, generator=generator, callback=callback, num_steps=num_steps)
 
 
 def to_raw(latents: torch.Tensor, pad: int, scaling_factor: float) -> torch.Tensor:
@@ -230,8 +249,13 @@ def to_raw(latents: torch.Tensor, pad: int, scaling_factor: float) -> torch.Tens
     return 1 / scaling_factor * latents[:, :, pad:]
 
 
-def decode(vae, raw: torch.Tensor, *, tiling: Tiling | None = None, progress: Progress | None = None) -> torch.Tensor:
-    """Raw latents (B, C, T, h, w) -> frames (B, T', H, W, 3) float32 in [0, 1]."""
+def decode(vae, raw: torch.Tensor, *, tiling: Tiling | None = None, progress: Progress | None = None,
+           parallel: ParallelGroups | None = None) -> torch.Tensor | None:
+    """Raw latents (B, C, T, h, w) -> frames (B, T', H, W, 3) float32 in [0, 1]. parallel: the tiles are split over
+    the ranks and the frames returned on rank 0 only (None elsewhere)."""
+    if parallel is not None:
+        pixels = decode_split(vae, raw, tiling, parallel)
+        return None if pixels is None else model_output_to_frames(pixels)
     pixels = vae.decode(raw.to(vae.device, vae.dtype), tiling=tiling, progress=progress)  # (B, 3, T, H, W)
     return model_output_to_frames(pixels)
 
@@ -277,8 +301,13 @@ class CogVideoXPipeline:
                  steps: int = 50, guidance: float = 6.0, dynamic_cfg: bool = False, sampler: str = "ddim",
                  seed: int | None = None, generator: torch.Generator | None = None,
                  progress: Progress | None = None, cancel: Callable[[], bool] | None = None,
-                 decode_frames: bool = True, tiling: Tiling | None = None) -> Generation:
-        """image, end_image: (B, 3, H, W) in [-1, 1] at (height, width); video: (B, 3, T, H, W) in [-1, 1] for V2V."""
+                 decode_frames: bool = True, tiling: Tiling | None = None,
+                 parallel: ParallelGroups | None = None) -> Generation:
+        """image, end_image: (B, 3, H, W) in [-1, 1] at (height, width); video: (B, 3, T, H, W) in [-1, 1] for V2V.
+
+        parallel: every rank of a torchrun launch calls this with the same arguments (parallel.make_groups); they
+        share rank 0's generator state, split the sampling and the VAE tiles, and rank 0 gets the frames (the other
+        ranks' Generation has frames None; all have the latents)."""
         variant, transformer = self.variant, self.transformer
         if end_image is not None and image is None:
             raise CogVXError("An end image needs a start image too (image-to-video).")
@@ -310,6 +339,8 @@ class CogVideoXPipeline:
                 generator.manual_seed(int(seed))
             else:
                 generator.seed()
+        if parallel is not None:
+            cfg_parallel.share_generator(generator, parallel)
         dtype, device = self.dtype, self.device
         cond = cond.to(device, dtype)
         uncond = None if uncond is None else uncond.to(device, dtype)
@@ -334,9 +365,9 @@ class CogVideoXPipeline:
         latents = denoise(transformer, prepared.latents, cond=cond, uncond=uncond, schedule=self.schedule,
                           timesteps=prepared.timesteps, num_steps=steps, sampler=sampler, guidance=guidance,
                           dynamic_cfg=dynamic_cfg, generator=generator, image_latents=prepared.image_latents,
-                          callback=on_step)
+                          callback=on_step, parallel=parallel)
         raw = to_raw(latents, prepared.pad, sf)
-        frames_out = decode(self.vae, raw, tiling=tiling) if decode_frames else None
+        frames_out = decode(self.vae, raw, tiling=tiling, parallel=parallel) if decode_frames else None
         return Generation(frames_out, raw, frames, height, width, notes)
 
 

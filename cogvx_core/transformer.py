@@ -96,6 +96,7 @@ class CogVideoXTransformer(nn.Module):
                                dtype=dtype)
         self.gradient_checkpointing = False
         self.attention_backend = "sdpa"
+        self.sequence_parallel = None  # parallel.sequence.SequenceShard while run sequence-parallel
 
     @staticmethod
     def _check_config(cfg: dict) -> None:
@@ -216,6 +217,9 @@ class CogVideoXTransformer(nn.Module):
         table, rope = self._positions(*grid, x.device)
         if table is not None:
             tokens = tokens + table.to(dtype)[-tokens.shape[1]:]  # 2b/5b-I2V: (text +) video rows
+        shard = self.sequence_parallel
+        if shard is not None:  # this rank's video tokens (and RoPE rows) only
+            tokens, rope = shard.shard(tokens, text_len, rope)
 
         for block in self.transformer_blocks:
             if self.gradient_checkpointing and torch.is_grad_enabled():
@@ -227,6 +231,8 @@ class CogVideoXTransformer(nn.Module):
         shift, scale = self.norm_out.linear(self.norm_out.silu(temb))[:, None].chunk(2, dim=-1)
         video = self.norm_out.norm(video) * (1 + scale) + shift
         out = self.proj_out(video)  # (B, N, C_out * pt * p * p), features (c, pt, ph, pw)
+        if shard is not None:
+            out = shard.gather(out)  # every rank's tokens
         gt, gh, gw = grid
         out = out.reshape(b, gt, gh, gw, self.out_channels, pt, p, p).permute(0, 4, 1, 5, 2, 6, 3, 7)
         return out.reshape(b, self.out_channels, t, h, w)

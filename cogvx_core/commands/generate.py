@@ -39,6 +39,12 @@ def add_arguments(p) -> None:
     p.add_argument("--lora", action="append", default=[], metavar="PATH[:STRENGTH]",
                    help="apply a LoRA (repeatable); strength defaults to 1.0")
     p.add_argument("--out", required=True, help=".mp4/.webm/.gif writes a video; any other path a folder of PNGs")
+    p.add_argument("--parallel", choices=["cfg", "sequence", "cfg+sequence"],
+                   help="split the run over the processes of a torchrun launch: the two guidance halves (cfg, 2 "
+                   "processes), the video tokens (sequence, Ulysses; the count must divide the heads) or both; the "
+                   "VAE tiles are split too. Same video as one process.")
+    p.add_argument("--tile", type=int, metavar="PIXELS", help="decode in square VAE tiles of this size (the "
+                   "reference's tiling; with --parallel the tiles are shared out)")
 
 
 class _Bar:
@@ -68,10 +74,6 @@ def _parse_lora(spec: str) -> tuple[str, float]:
 
 
 def run(args) -> int:
-    from ..pipeline import is_released_size, load_pipeline
-    from ..variants import snap_request, snap_video
-    from ..video_io import frames_to_model_input, pil_to_model_input, read_frames, read_image, write_frames
-
     if args.model is None:
         from ..models import TINY_MODEL, builtin_models
 
@@ -81,11 +83,43 @@ def run(args) -> int:
         args.model = str(TINY_MODEL)
     if not Path(args.model).exists():
         raise CogVXError(f"--model {args.model}: no such folder.")
+    if args.parallel:
+        return _run_parallel(args)
+    return _generate(args, None)
+
+
+def _run_parallel(args) -> int:
+    """One rank of `torchrun ... generate --parallel MODE`: every rank runs the same command."""
+    from ..parallel import make_groups
+    from ..train import ddp
+
+    info = ddp.init_from_env(args.device)
+    try:
+        if not info.distributed:
+            raise CogVXError(f"--parallel {args.parallel} splits the run over several processes: launch with "
+                             "torchrun --nproc-per-node N -m cogvx_core generate ... (one process per GPU).")
+        args.device = str(info.device)
+        return _generate(args, make_groups(args.parallel))
+    finally:
+        ddp.shutdown(info)
+
+
+def _generate(args, parallel) -> int:
+    from ..pipeline import is_released_size, load_pipeline
+    from ..variants import snap_request, snap_video
+    from ..vae import Tiling
+    from ..video_io import frames_to_model_input, pil_to_model_input, read_frames, read_image, write_frames
+
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
         raise CogVXError("--device cuda: no CUDA device is available; use --device cpu.")
     dtype = DTYPES[args.dtype] if args.dtype else None
     pipe = load_pipeline(args.model, dtype=dtype, device=device)
+    if parallel is not None:
+        from ..parallel import check_heads
+
+        check_heads(pipe.transformer.config["num_attention_heads"], parallel.seq_degree, parallel.cfg_degree)
+    main = parallel is None or parallel.is_main
     variant = pipe.variant
     if args.lora:
         from ..lora import apply_loras, load_lora
@@ -120,7 +154,10 @@ def run(args) -> int:
                            strength=args.strength,
                            frames=args.frames, height=height, width=width, steps=args.steps,
                            guidance=args.guidance, dynamic_cfg=args.dynamic_cfg, sampler=args.sampler,
-                           seed=args.seed, progress=_Bar("sampling"))
+                           seed=args.seed, progress=_Bar("sampling") if main else None,
+                           tiling=Tiling(args.tile, args.tile) if args.tile else None, parallel=parallel)
+    if not main:  # rank 0 writes the video
+        return 0
     for note in notes + result.notes:
         print(f"note: {note}", file=sys.stderr)
     out = write_frames(result.frames[0], args.out, fps=args.fps or variant.fps)
