@@ -44,7 +44,7 @@ from ..errors import CogVXError
 from ..lora import DEFAULT_TARGETS, add_trainable_lora, lora_state_dict, save_lora
 from ..schedule import NoiseSchedule
 from ..transformer import CogVideoXTransformer
-from . import ddp
+from . import ddp, fsdp
 from .buckets import BatchPlan, attention_key_mask, pack
 from .cache import module_fingerprint
 from .dataset import CogVXDataset
@@ -170,8 +170,12 @@ class Trainer:
     def __init__(self, transformer: CogVideoXTransformer, dataset: CogVXDataset, settings: TrainSettings, *,
                  schedule: NoiseSchedule | None = None, scaling_factor: float | None = None,
                  dist: ddp.DistInfo | None = None, checkpoint_dir: str | os.PathLike | None = None,
-                 val_dataset: CogVXDataset | None = None):
+                 val_dataset: CogVXDataset | None = None, shard: str = "none"):
+        """shard: "none" (DDP when there are several processes) or "fsdp" (parameters, gradients and optimizer
+        state sharded over the processes, fsdp.py)."""
         settings.check()
+        if shard not in fsdp.SHARDING:
+            raise CogVXError(f"Unknown sharding {shard!r}; use one of {', '.join(fsdp.SHARDING)}.")
         variant = transformer.variant
         if variant.i2v:
             raise CogVXError(f"{variant.title} is an image-to-video model; CogVX trains text-to-video models only so "
@@ -203,7 +207,13 @@ class Trainer:
         self._attention = _KeyMaskedAttention(transformer.transformer_blocks[0].attn1.attention_fn)
         self._active = False
         self.activate()
-        self.model = ddp.wrap(transformer, self.dist)
+        self.shard = shard
+        if shard == "fsdp":
+            self.model = fsdp.shard(transformer)
+            named = dict(transformer.named_parameters())  # fully_shard put sharded parameters in their place
+            self.params = [named[n] for n in self.param_names]
+        else:
+            self.model = ddp.wrap(transformer, self.dist)
         self.optimizer = torch.optim.AdamW(self.params, lr=settings.learning_rate, betas=tuple(settings.betas),
                                            eps=settings.adam_eps, weight_decay=settings.weight_decay)
         self.sampler = TimestepSampler(self.schedule.num_train_timesteps, settings.timestep_sampling,
@@ -331,7 +341,7 @@ class Trainer:
         finally:
             self._attention.mask = None
         max_norm = s.max_grad_norm if s.max_grad_norm > 0 else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm)
+        grad_norm = fsdp.full(torch.nn.utils.clip_grad_norm_(self.params, max_norm))
         mean_loss = float(ddp.all_mean(loss.detach().float(), self.dist))
         finite = ddp.all_true(bool(math.isfinite(mean_loss) and torch.isfinite(grad_norm)), self.dist)
         rolled_back = False
@@ -340,7 +350,8 @@ class Trainer:
             self.bad_streak = 0
         else:
             self.bad_streak += 1
-            weights_bad = not all(bool(torch.isfinite(p).all()) for p in self.params)
+            weights_bad = not ddp.all_true(all(bool(torch.isfinite(fsdp.local(p)).all()) for p in self.params),
+                                           self.dist)
             log.warning("step %d: loss %s / grad norm %s is not finite; the step is skipped", step + 1, mean_loss,
                         float(grad_norm))
             if weights_bad or self.bad_streak >= s.nan_patience:
@@ -403,8 +414,8 @@ class Trainer:
         count = 0
         base = ddp.unwrap(self.model)
         for n, i in enumerate(self.validation_indices()):
-            if n % self.dist.world_size != self.dist.rank:
-                continue
+            if n % self.dist.world_size != self.dist.rank and self.shard != "fsdp":
+                continue  # sharded: every rank runs every forward (each gathers the weights with the others)
             x = self._clip_latents(i, None, self.val_dataset)[None].expand(len(ts), -1, -1, -1, -1)
             noise = torch.randn(x.shape[1:], generator=generator(self.settings.seed, "val-noise", i))
             context = self.val_dataset.context(i)[None].expand(len(ts), -1, -1)
@@ -447,6 +458,8 @@ class Trainer:
         """Writes the full training state to <checkpoint_dir>/step-NNNNNNNN (atomically); the main rank writes."""
         if self.checkpoint_dir is None:
             raise CogVXError("No checkpoint folder was given; pass checkpoint_dir (--checkpoint-dir).")
+        if self.shard == "fsdp":
+            return fsdp.save_checkpoint(self, self.checkpoint_dir, self._state_json(), self.settings.keep_checkpoints)
         path = None
         if self.dist.is_main:
             path = write_checkpoint(self.checkpoint_dir, self.step, self._checkpoint_tensors(), self._state_json(),
@@ -475,6 +488,17 @@ class Trainer:
             if path is None:
                 return None
         path = Path(path)
+        state = fsdp.load_checkpoint(self, path) if self.shard == "fsdp" else self._load_unsharded(path)
+        self.step = int(state["step"])
+        self.history, self.validations = list(state["history"]), list(state["validations"])
+        self.lr_scale, self.bad_streak = float(state["lr_scale"]), int(state["bad_streak"])
+        self._snapshot = self._take_snapshot()
+        return self.step
+
+    def _load_unsharded(self, path: Path) -> dict:
+        if fsdp.is_sharded_checkpoint(path):
+            raise CogVXError(f"{path}: this checkpoint is sharded (saved with --shard fsdp); resume with --shard fsdp "
+                             f"and {self.dist.world_size} processes as it was made.")
         state, tensors = read_checkpoint(path)
         self._check_compatible(state, path)
         with torch.no_grad():
@@ -491,11 +515,7 @@ class Trainer:
         torch.set_rng_state(tensors["rng.torch"])
         if "rng.cuda" in tensors and self.device.type == "cuda":
             torch.cuda.set_rng_state(tensors["rng.cuda"], self.device)
-        self.step = int(state["step"])
-        self.history, self.validations = list(state["history"]), list(state["validations"])
-        self.lr_scale, self.bad_streak = float(state["lr_scale"]), int(state["bad_streak"])
-        self._snapshot = self._take_snapshot()
-        return self.step
+        return state
 
     def _check_compatible(self, state: dict, path: Path) -> None:
         if state.get("format") != CHECKPOINT_FORMAT:
@@ -548,11 +568,20 @@ class Trainer:
     def save(self, path: str | os.PathLike, dtype: torch.dtype | None = None) -> Path | None:
         """The LoRA (diffusers/peft layout, metadata with rank, alpha, targets and base variant) or, for full
         fine-tuning, the whole transformer as diffusers-named .safetensors. The main rank writes."""
+        if self.shard == "fsdp" and self.settings.full_finetune:
+            return self._save(path, dtype, fsdp.full_state_dict(self.model))  # every rank gathers, rank 0 keeps
+        if self.shard == "fsdp":
+            with fsdp.gathered(self.model):  # every rank gathers; the main rank writes the full LoRA
+                return self._save(path, dtype)
+        return self._save(path, dtype)
+
+    def _save(self, path, dtype, state: dict | None = None) -> Path | None:
         out = None
         if self.dist.is_main:
             if self.settings.full_finetune:
-                out = _save_full(path, self.transformer, {**self.metadata(),
-                                                          "cogvx.base_variant": self.transformer.variant.name}, dtype)
+                out = _save_full(path, state or self.transformer.state_dict(),
+                                 {**self.metadata(), "config": json.dumps(self.transformer.config),
+                                  "cogvx.base_variant": self.transformer.variant.name}, dtype)
             else:
                 alpha = self.settings.alpha if self.settings.alpha is not None else None
                 out = save_lora(path, self.transformer, rank=self.settings.rank, alpha=alpha,
@@ -631,7 +660,7 @@ def list_checkpoints(root: str | os.PathLike) -> list[Path]:
     found = []
     for p in root.iterdir():
         if p.name.startswith(STEP_PREFIX) and p.name[len(STEP_PREFIX):].isdigit() and (p / "state.json").is_file() \
-                and (p / "trainable.safetensors").is_file():
+                and ((p / "trainable.safetensors").is_file() or fsdp.is_sharded_checkpoint(p)):
             found.append(p)
     return sorted(found, key=lambda p: int(p.name[len(STEP_PREFIX):]))
 
@@ -651,13 +680,13 @@ def read_checkpoint(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     return state, tensors
 
 
-def _save_full(path, transformer, metadata: dict, dtype) -> Path:
+def _save_full(path, state_dict: dict[str, torch.Tensor], metadata: dict, dtype) -> Path:
     path = Path(path)
     if path.suffix.lower() != ".safetensors":
         raise CogVXError(f"{path}: weights are saved as .safetensors; use a name ending in .safetensors.")
-    state = {k: v.detach().to("cpu", dtype or v.dtype).contiguous() for k, v in transformer.state_dict().items()
+    state = {k: v.detach().to("cpu", dtype or v.dtype).contiguous() for k, v in state_dict.items()
              if ".lora_adapters." not in k}
-    meta = {"format": "pt", "config": json.dumps({k: v for k, v in transformer.config.items()}), **metadata}
+    meta = {"format": "pt", **metadata}
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     save_file(state, str(tmp), metadata=meta)

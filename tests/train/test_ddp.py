@@ -10,12 +10,10 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from cogvx_core.train import ddp
-from cogvx_core.train.buckets import BatchPlan, make_buckets
+from cogvx_core.train.buckets import make_buckets
 from cogvx_core.train.dataset import prepare_dataset
-from cogvx_core.train.timesteps import TimestepSampler
 from cogvx_core.train.trainer import Trainer, TrainSettings
-from trainkit import CAPTIONS, load_parts, write_clip
+from trainkit import CAPTIONS, load_parts, train_like_ranks, write_clip
 
 STEPS = 3
 
@@ -48,21 +46,7 @@ def test_torchrun_two_gloo_processes_equal_gradient_averaging(model_folder, tmp_
     settings = TrainSettings(steps=STEPS, rank=4, alpha=2, learning_rate=3e-3, batch_size=2, seed=5,
                              mixed_precision="no", lr_schedule="cosine", warmup_steps=1)
     ref = Trainer(transformer, ds, settings, scaling_factor=vae.scaling_factor)
-    ref.plan = BatchPlan([ds.group(i) for i in range(len(ds))], 2, world_size=2, seed=5)
-    ref.sampler = TimestepSampler(1000, "explicit", world_size=2, batch_size=2, seed=5)
-    seen_t = []
-    for step in range(STEPS):
-        for group in ref.optimizer.param_groups:
-            group["lr"] = ref.lr_at(step)
-        for rank in range(2):
-            ref.dist = ddp.DistInfo(rank=rank, world_size=2)  # only the batch choice reads it here
-            _, latents, mask, context, noise, t = ref._batch(step)
-            ref.dist = ddp.DistInfo()
-            seen_t.append(t)
-            (ref.compute_loss(latents, noise, t, context, mask).mean() / 2).backward()
-        torch.nn.utils.clip_grad_norm_(ref.params, settings.max_grad_norm)
-        ref.optimizer.step()
-        ref.optimizer.zero_grad()
+    seen_t = train_like_ranks(ref, STEPS)
     with safe_open(str(out), "pt") as f:
         trained = {k: f.get_tensor(k) for k in f.keys()}
     expected = {k.replace(".lora_adapters.0.down", ".lora_A.weight").replace(".lora_adapters.0.up", ".lora_B.weight"):
