@@ -68,31 +68,44 @@ class UlyssesAttention:
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         s = self.shard
-        n, me, text = s.size, s.rank, s.text_len
+        n, me, text, counts = s.size, s.rank, s.text_len, s.counts
         b, heads, _, d = q.shape
         hs = heads // n
-        counts = s.counts
-        qkv = torch.stack([q, k, v])  # (3, B, H, T + n_me, d)
-        # token split -> head split: block j carries this rank's video tokens for rank j's heads
-        send = qkv[:, :, :, text:].reshape(3, b, n, hs, counts[me], d).permute(2, 0, 1, 3, 4, 5).contiguous()
-        unit = 3 * b * hs * d  # elements per video token in one block
-        recv = comm.all_to_all(send.view(-1), [unit * counts[me]] * n, [unit * c for c in counts], s.group,
-                               s.traffic, me)
-        video = torch.cat([part.view(3, b, hs, c, d) for part, c in zip(recv.split([unit * c for c in counts]),
-                                                                         counts)], dim=3)  # (3, B, hs, N, d)
-        mine = slice(me * hs, (me + 1) * hs)
-        full = torch.cat([qkv[:, :, mine, :text], video], dim=3)  # (3, B, hs, T + N, d)
-        del qkv, send, recv, video
-        out = self.inner(full[0], full[1], full[2])  # (B, hs, T + N, d)
+        full = [self._to_heads(t) for t in (q, k, v)]  # one at a time: one tensor's exchange buffers alive at once
+        out = self.inner(*full)  # (B, hs, T + N, d)
         del full
         # head split -> token split: rank j gets its video tokens for this rank's heads
-        out_video = out[:, :, text:]
-        send = torch.cat([part.reshape(-1) for part in out_video.split(counts, dim=2)])
+        send = torch.cat([part.reshape(-1) for part in out[:, :, text:].split(counts, dim=2)])
         unit = b * hs * d
         recv = comm.all_to_all(send, [unit * c for c in counts], [unit * counts[me]] * n, s.group, s.traffic, me)
-        video = recv.view(n, b, hs, counts[me], d).permute(1, 0, 2, 3, 4).reshape(b, heads, counts[me], d)
-        text_out = torch.cat(comm.all_gather(out[:, :, :text].contiguous(), s.group, s.traffic), dim=1)  # (B, H, T, d)
-        return torch.cat([text_out, video], dim=2)  # (B, H, T + n_me, d)
+        del send
+        result = q.new_empty(b, heads, text + counts[me], d)
+        result[:, :, text:] = recv.view(n, b, hs, counts[me], d).transpose(0, 1).reshape(b, heads, counts[me], d)
+        del recv
+        text_out = comm.all_gather(out[:, :, :text].contiguous(), s.group, s.traffic)  # n x (B, hs, T, d)
+        for j, part in enumerate(text_out):
+            result[:, j * hs:(j + 1) * hs, :text] = part
+        return result  # (B, H, T + n_me, d)
+
+    def _to_heads(self, t: torch.Tensor) -> torch.Tensor:
+        """(B, H, T + n_me, d), this rank's tokens with every head -> (B, H/N, T + N, d), every token with this
+        rank's heads: block j of the all-to-all carries this rank's video tokens for rank j's heads."""
+        s = self.shard
+        n, me, text, counts = s.size, s.rank, s.text_len, s.counts
+        b, heads, _, d = t.shape
+        hs = heads // n
+        send = t[:, :, text:].reshape(b, n, hs, counts[me], d).transpose(0, 1).contiguous()  # (N, B, hs, n_me, d)
+        unit = b * hs * d  # elements per video token in one block
+        recv = comm.all_to_all(send.view(-1), [unit * counts[me]] * n, [unit * c for c in counts], s.group,
+                               s.traffic, me)
+        del send
+        full = t.new_empty(b, hs, text + sum(counts), d)
+        full[:, :, :text] = t[:, me * hs:(me + 1) * hs, :text]
+        offset = text
+        for part, c in zip(recv.split([unit * c for c in counts]), counts):
+            full[:, :, offset:offset + c] = part.view(b, hs, c, d)
+            offset += c
+        return full
 
 
 @contextmanager
