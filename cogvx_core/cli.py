@@ -23,6 +23,7 @@ COMMANDS = {
     "recipe": "recipe",
     "train": "train",
     "bench-train": "bench_train",
+    "bench-parallel": "bench_parallel",
 }
 
 

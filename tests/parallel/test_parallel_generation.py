@@ -8,14 +8,18 @@ cfg+sequence (CFG 2 x sequence 1); a second launch of four processes runs cfg+se
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file
+
+from cogvx_core.cli import main
 
 from cogvx_core.errors import CogVXError
 from cogvx_core.parallel.groups import check_heads, degrees
 from cogvx_core.pipeline import load_pipeline
-from parallel_kit import generate, torchrun
+from parallel_kit import PROMPT, generate, torchrun
 
 MODES = ("cfg", "sequence", "cfg+sequence")
 
@@ -82,3 +86,40 @@ def test_head_count_error_names_the_degrees_that_work():
         degrees("cfg", 4)
     with pytest.raises(CogVXError, match="even number"):
         degrees("cfg+sequence", 3)
+
+
+def test_cli_under_torchrun_writes_the_frames_of_one_process(pipeline_folders, tmp_path, capsys):
+    common = ["generate", "--model", str(pipeline_folders["5b"]), "--prompt", PROMPT, "--steps", "2", "--frames", "9",
+              "--height", "48", "--width", "48", "--seed", "3", "--sampler", "dpm", "--dtype", "float32",
+              "--device", "cpu", "--tile", "32"]
+    assert main([*common, "--out", str(tmp_path / "one")]) == 0
+    run = torchrun(2, ["-m", "cogvx_core", *common, "--parallel", "sequence", "--out", str(tmp_path / "two")],
+                   cwd=tmp_path)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stderr.count("sampling [") == 2  # two steps, reported by rank 0 alone
+    one, two = sorted((tmp_path / "one").glob("*.png")), sorted((tmp_path / "two").glob("*.png"))
+    assert len(one) == len(two) == 9
+    for a, b in zip(one, two):
+        assert np.array_equal(np.asarray(Image.open(a)), np.asarray(Image.open(b)))
+
+
+def test_cli_parallel_without_torchrun_says_how_to_launch(pipeline_folders, tmp_path, capsys):
+    rc = main(["generate", "--model", str(pipeline_folders["5b"]), "--prompt", PROMPT, "--steps", "1",
+               "--parallel", "sequence", "--device", "cpu", "--out", str(tmp_path / "x")])
+    assert rc == 2
+    assert "torchrun --nproc-per-node N -m cogvx_core generate" in capsys.readouterr().err
+
+
+def test_bench_parallel_traffic_and_memory(tmp_path):
+    """The measurement behind the README's table, at a small size: each rank's activation peak is its share of the
+    tokens (the text stays on every rank), the bytes sent per forward are the analytic all-to-all and gather count."""
+    out = tmp_path / "bench.json"
+    run = torchrun(2, ["-m", "cogvx_core", "bench-parallel", "--frames", "9", "--height", "128", "--width", "192",
+                       "--device", "cpu", "--out", str(out)], cwd=tmp_path)
+    assert run.returncode == 0, run.stderr[-3000:]
+    r = json.loads(out.read_text())
+    s = r["sequence"]
+    assert s["max_rel_diff"] <= 1e-6
+    assert 0.9 <= s["sent_over_analytic"] <= 1.1
+    assert s["activation_ratio"] <= s["token_share"] * 1.05
+    assert sum(r["cfg"]["sent_bytes"].values()) == sum(r["cfg"]["analytic_bytes"].values())
