@@ -143,8 +143,8 @@ def _report(r: dict) -> None:
     lines = [f"{r['world_size']} ranks on {r['device']}, latents {r['latents']}, {r['tokens']} tokens "
              f"({r['text_tokens']} text), {r['config']}",
              f"activation peak: one process {r['one_process']['activation_bytes'] / mib:.1f} MiB, sequence parallel "
-             f"{max(s['activation_bytes_per_rank']) / mib:.1f} MiB per rank (ratio {s['activation_ratio']:.3f}; the rank's "
-             f"share of the tokens {s['token_share']:.3f})",
+             f"{max(s['activation_bytes_per_rank']) / mib:.1f} MiB per rank (ratio {s['activation_ratio']:.3f}; "
+             f"the rank's share of the tokens {s['token_share']:.3f})",
              f"sequence traffic per forward and rank: sent {sum(s['sent_bytes'].values()) / mib:.2f} MiB "
              f"{ {k: round(v / mib, 3) for k, v in s['sent_bytes'].items()} }, analytic "
              f"{sum(s['analytic_bytes'].values()) / mib:.2f} MiB (ratio {s['sent_over_analytic']:.4f})",

@@ -1,7 +1,7 @@
 """A memory and time estimate for a training run, made before its first step.
 
-Memory (per process) = the model's weights + the trainable parameters with their gradients and AdamW moments (fp32) + the
-activations kept for the backward pass of the largest batch. The activations are not guessed: one transformer block
+Memory (per process) = the model's weights + the trainable parameters with their gradients and AdamW moments (fp32) +
+the activations kept for the backward pass of the largest batch. The activations are not guessed: one transformer block
 is run on a few tokens with the run's dtype, LoRA and autocast, and the bytes autograd saves are counted per token;
 the whole model then keeps that for every block (no checkpointing), or only each block's input plus one block's
 worth during its recomputation (gradient checkpointing). Attention kernels that keep no (S x S) matrix make this

@@ -14,7 +14,6 @@ exactly from the latest complete one.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
@@ -108,7 +107,7 @@ def save_checkpoint(trainer, root: Path, state: dict, keep: int) -> Path:
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
-    from .trainer import STEP_PREFIX, _fsync, list_checkpoints
+    from .trainer import STEP_PREFIX, publish_checkpoint
 
     info = trainer.dist
     final = root / f"{STEP_PREFIX}{trainer.step:08d}"
@@ -127,16 +126,7 @@ def save_checkpoint(trainer, root: Path, state: dict, keep: int) -> Path:
     save_file(rng, str(tmp / f"rng-{info.rank}.safetensors"))
     dist.barrier()
     if info.is_main:
-        (tmp / "state.json").write_text(json.dumps(state))
-        for f in tmp.iterdir():
-            _fsync(f)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        _fsync(root)
-        for old in list_checkpoints(root)[:-keep]:
-            if old != final:
-                shutil.rmtree(old, ignore_errors=True)
+        publish_checkpoint(tmp, final, state, keep)
     dist.barrier()
     return final
 

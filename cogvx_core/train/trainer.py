@@ -630,14 +630,20 @@ def write_checkpoint(root: Path, step: int, tensors: dict[str, torch.Tensor], st
     tmp.mkdir()
     save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, str(tmp / "trainable.safetensors"),
               metadata={"format": "pt"})
+    return publish_checkpoint(tmp, final, state, keep)
+
+
+def publish_checkpoint(tmp: Path, final: Path, state: dict, keep: int) -> Path:
+    """Adds state.json to a checkpoint written in `tmp`, syncs it and renames it to `final` (a complete checkpoint
+    or none); older ones beyond `keep` are removed afterwards."""
     (tmp / "state.json").write_text(json.dumps(state))
     for f in tmp.iterdir():
         _fsync(f)
     if final.exists():  # the same step saved again (a resumed run): the older copy goes
         shutil.rmtree(final)
     os.replace(tmp, final)
-    _fsync(root)
-    for old in list_checkpoints(root)[:-keep]:
+    _fsync(final.parent)
+    for old in list_checkpoints(final.parent)[:-keep]:
         if old != final:
             shutil.rmtree(old, ignore_errors=True)
     return final
