@@ -61,10 +61,14 @@ def all_gather_padded(t: torch.Tensor, counts: list[int], group, traffic: Traffi
     return [part[:, :c] for part, c in zip(all_gather(padded, group, traffic), counts)]
 
 
+def _global(group, rank: int) -> int:
+    return dist.get_global_rank(group, rank) if group is not None else rank
+
+
 def broadcast_(t: torch.Tensor, src: int, group, traffic: Traffic) -> torch.Tensor:
-    """`t` of rank `src` on every rank (in place)."""
-    dist.broadcast(t, src, group=group)
-    if dist.get_rank() == src:
+    """`t` of group rank `src` on every rank of the group (in place)."""
+    dist.broadcast(t, _global(group, src), group=group)
+    if dist.get_rank(group) == src:
         traffic.add("broadcast", (group_size(group) - 1) * t.numel() * t.element_size())
     return t
 
@@ -78,7 +82,7 @@ def gather_flat(t: torch.Tensor, dst: int, group, traffic: Traffic) -> list[torc
     sizes = [int(v) for v in lengths]
     padded = torch.cat([t, t.new_zeros(max(sizes) - t.numel())])
     parts = [torch.empty_like(padded) for _ in range(n)] if me == dst else None
-    dist.gather(padded, parts, dst=dist.get_global_rank(group, dst) if group is not None else dst, group=group)
+    dist.gather(padded, parts, dst=_global(group, dst), group=group)
     if me != dst:
         traffic.add("gather", padded.numel() * padded.element_size())
         return None

@@ -75,25 +75,28 @@ def check_heads(heads: int, seq_degree: int, cfg_degree: int = 1) -> None:
                      f"{', '.join(map(str, ok))} (process counts for this mode: {launches}).")
 
 
-def make_groups(mode: str, heads: int | None = None) -> ParallelGroups:
-    """The groups of `mode` over the initialised default process group (every rank must call this)."""
+def make_groups(mode: str, heads: int | None = None, group: dist.ProcessGroup | None = None) -> ParallelGroups:
+    """The groups of `mode` over `group` (default: every process of the launch). Every rank of the default group
+    must call this (creating groups is collective), with the same arguments."""
     if not dist.is_initialized():
         raise CogVXError("Parallel generation needs torch.distributed: launch with torchrun "
                          "(torchrun --nproc-per-node N -m cogvx_core generate ... --parallel MODE).")
-    world, rank = dist.get_world_size(), dist.get_rank()
+    members = dist.get_process_group_ranks(group) if group is not None else list(range(dist.get_world_size()))
+    world, me = len(members), dist.get_rank()
     cfg_degree, seq_degree = degrees(mode, world)
     if heads is not None:
         check_heads(heads, seq_degree, cfg_degree)
     cfg_group = seq_group = None
     # new_group is collective: every rank creates every group, in the same order, and keeps its own
     for c in range(cfg_degree):
-        ranks = list(range(c * seq_degree, (c + 1) * seq_degree))
+        ranks = [members[c * seq_degree + s] for s in range(seq_degree)]
         g = dist.new_group(ranks) if seq_degree > 1 else None
-        if rank in ranks:
+        if me in ranks:
             seq_group = g
     for s in range(seq_degree):
-        ranks = [c * seq_degree + s for c in range(cfg_degree)]
+        ranks = [members[c * seq_degree + s] for c in range(cfg_degree)]
         g = dist.new_group(ranks) if cfg_degree > 1 else None
-        if rank in ranks:
+        if me in ranks:
             cfg_group = g
-    return ParallelGroups(mode, rank, world, cfg_degree, seq_degree, cfg_group, seq_group)
+    rank = members.index(me) if me in members else -1
+    return ParallelGroups(mode, rank, world, cfg_degree, seq_degree, cfg_group, seq_group, group)

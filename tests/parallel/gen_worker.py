@@ -26,7 +26,9 @@ if __name__ == "__main__":
     for folder in args.folders:
         pipe = load_pipeline(folder, dtype=torch.float32, device="cpu")
         for mode in args.modes:
-            groups = make_groups(mode)
+            # cfg+sequence runs over a group given by the caller (here all ranks), the others over the default one
+            group = dist.new_group(list(range(dist.get_world_size()))) if mode == "cfg+sequence" else None
+            groups = make_groups(mode, group=group)
             result = generate(pipe, seed=SEED if rank == 0 else SEED + 100 + rank, parallel=groups)
             name = f"{Path(folder).name}-{mode}"
             sent = [torch.zeros(1, dtype=torch.long) for _ in range(dist.get_world_size())]
