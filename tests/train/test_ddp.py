@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors import safe_open
 
@@ -18,7 +19,9 @@ from trainkit import CAPTIONS, load_parts, train_like_ranks, write_clip
 STEPS = 3
 
 
-def test_torchrun_two_gloo_processes_equal_gradient_averaging(model_folder, tmp_path):
+@pytest.mark.parametrize("shard", ["none", "fsdp"])
+def test_torchrun_two_gloo_processes_equal_gradient_averaging(model_folder, tmp_path, shard):
+    """DDP, and FSDP sharding (--shard fsdp, with the per-process memory estimate every rank helps make)."""
     folder = model_folder("5b")
     data = tmp_path / "data"
     data.mkdir()
@@ -33,10 +36,12 @@ def test_torchrun_two_gloo_processes_equal_gradient_averaging(model_folder, tmp_
                           "-m", "cogvx_core", "train", "--model", str(folder), "--data", str(data), "--out", str(out),
                           "--steps", str(STEPS), "--rank", "4", "--alpha", "2", "--lr", "3e-3", "--batch-size", "2",
                           "--frames", "9", "--height", "32", "--width", "48", "--seed", "5", "--device", "cpu",
-                          "--schedule", "cosine", "--warmup", "1", "--no-estimate"],
+                          "--schedule", "cosine", "--warmup", "1", "--shard", shard,
+                          *(["--no-estimate"] if shard == "none" else [])],
                          env=env, capture_output=True, text=True, timeout=600, cwd=str(tmp_path))
     assert run.returncode == 0, run.stderr[-3000:]
     assert run.stderr.count("train [") >= 1 and "5 clips" in run.stderr  # rank 0 reports, once
+    assert run.stderr.count("estimate: peak memory") == (shard == "fsdp")
     assert len(list((data / ".cogvx_cache" / "latents").glob("*/*.safetensors"))) == 5  # both shards were encoded
 
     # one process doing what the two ranks do: rank r's batch and timesteps, gradients averaged
