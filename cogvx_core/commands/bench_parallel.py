@@ -124,8 +124,8 @@ def run(args) -> int:
             results["cfg"] = {"sent_bytes": dict(groups.traffic.sent),
                               "analytic_bytes": {"all_gather": v.numel() * v.element_size()}}
 
-        peaks = [torch.zeros(1, dtype=torch.float64) for _ in range(info.world_size)]
-        dist.all_gather(peaks, torch.tensor([float(par_bytes)], dtype=torch.float64))
+        peaks = [torch.zeros(1, dtype=torch.float64, device=dev) for _ in range(info.world_size)]
+        dist.all_gather(peaks, torch.tensor([float(par_bytes)], dtype=torch.float64, device=dev))
         results["sequence"]["activation_bytes_per_rank"] = [int(p) for p in peaks]
         if info.is_main:
             _report(results)

@@ -7,7 +7,6 @@ from __future__ import annotations
 from contextlib import contextmanager
 
 import torch
-import torch.distributed as dist
 
 from . import comm
 from .groups import ParallelGroups
@@ -27,14 +26,10 @@ def exchange(v_mine: torch.Tensor, groups: ParallelGroups) -> tuple[torch.Tensor
 def share_generator(generator: torch.Generator, groups: ParallelGroups) -> torch.Generator:
     """Puts rank 0's generator state on every rank, so each rank's draws (the initial noise, the DPM sampler's noise)
     are the one sequence a single process would draw, whatever seed or state each rank started with."""
-    state = generator.get_state()
+    state = generator.get_state().to(comm.backend_device(groups.group))  # NCCL moves GPU tensors only
     comm.broadcast_(state, 0, groups.group, groups.traffic)
-    generator.set_state(state)
+    generator.set_state(state.cpu())
     return generator
-
-
-def barrier(groups: ParallelGroups) -> None:
-    dist.barrier(group=groups.group)
 
 
 @contextmanager

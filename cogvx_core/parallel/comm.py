@@ -29,6 +29,13 @@ class Traffic:
         self.sent.clear()
 
 
+def backend_device(group) -> torch.device:
+    """Where the group's collectives want their tensors: the current GPU for NCCL, else the CPU."""
+    if dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def group_size(group) -> int:
     return dist.get_world_size(group)
 
@@ -76,7 +83,7 @@ def broadcast_(t: torch.Tensor, src: int, group, traffic: Traffic) -> torch.Tens
 def gather_flat(t: torch.Tensor, dst: int, group, traffic: Traffic) -> list[torch.Tensor] | None:
     """1-D tensors of any length from every rank, on rank `dst` (None elsewhere)."""
     n, me = group_size(group), dist.get_rank(group)
-    length = torch.tensor([t.numel()], dtype=torch.long)
+    length = torch.tensor([t.numel()], dtype=torch.long, device=t.device)
     lengths = [torch.empty_like(length) for _ in range(n)]
     dist.all_gather(lengths, length, group=group)
     sizes = [int(v) for v in lengths]
