@@ -131,9 +131,9 @@ def save_checkpoint(trainer, root: Path, state: dict, keep: int) -> Path:
     return final
 
 
-def load_checkpoint(trainer, path: Path) -> dict:
-    """Loads a sharded checkpoint into the trainer's sharded model and optimizer (every rank calls this); returns
-    its state.json."""
+def load_checkpoint(trainer, path: Path) -> None:
+    """Loads a sharded checkpoint into the trainer (every rank calls this): the sharded weights and optimizer state,
+    each rank's RNG state, and the step, history and learning-rate scale of its state.json."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
@@ -158,4 +158,6 @@ def load_checkpoint(trainer, path: Path) -> dict:
     torch.set_rng_state(rng["rng.torch"])
     if "rng.cuda" in rng and trainer.device.type == "cuda":
         torch.cuda.set_rng_state(rng["rng.cuda"], trainer.device)
-    return state
+    trainer.step = int(state["step"])
+    trainer.history, trainer.validations = list(state["history"]), list(state["validations"])
+    trainer.lr_scale, trainer.bad_streak = float(state["lr_scale"]), int(state["bad_streak"])

@@ -488,14 +488,10 @@ class Trainer:
             if path is None:
                 return None
         path = Path(path)
-        state = fsdp.load_checkpoint(self, path) if self.shard == "fsdp" else self._load_unsharded(path)
-        self.step = int(state["step"])
-        self.history, self.validations = list(state["history"]), list(state["validations"])
-        self.lr_scale, self.bad_streak = float(state["lr_scale"]), int(state["bad_streak"])
-        self._snapshot = self._take_snapshot()
-        return self.step
-
-    def _load_unsharded(self, path: Path) -> dict:
+        if self.shard == "fsdp":  # the sharded checkpoint, with everything else the checkpoint holds
+            fsdp.load_checkpoint(self, path)
+            self._snapshot = self._take_snapshot()
+            return self.step
         if fsdp.is_sharded_checkpoint(path):
             raise CogVXError(f"{path}: this checkpoint is sharded (saved with --shard fsdp); resume with --shard fsdp "
                              f"and {self.dist.world_size} processes as it was made.")
@@ -515,7 +511,11 @@ class Trainer:
         torch.set_rng_state(tensors["rng.torch"])
         if "rng.cuda" in tensors and self.device.type == "cuda":
             torch.cuda.set_rng_state(tensors["rng.cuda"], self.device)
-        return state
+        self.step = int(state["step"])
+        self.history, self.validations = list(state["history"]), list(state["validations"])
+        self.lr_scale, self.bad_streak = float(state["lr_scale"]), int(state["bad_streak"])
+        self._snapshot = self._take_snapshot()
+        return self.step
 
     def _check_compatible(self, state: dict, path: Path) -> None:
         if state.get("format") != CHECKPOINT_FORMAT:
@@ -579,9 +579,9 @@ class Trainer:
         out = None
         if self.dist.is_main:
             if self.settings.full_finetune:
-                out = _save_full(path, state or self.transformer.state_dict(),
-                                 {**self.metadata(), "config": json.dumps(self.transformer.config),
-                                  "cogvx.base_variant": self.transformer.variant.name}, dtype)
+                out = _save_full(path, self.transformer, {**self.metadata(),
+                                                          "cogvx.base_variant": self.transformer.variant.name}, dtype,
+                                 state_dict=state)
             else:
                 alpha = self.settings.alpha if self.settings.alpha is not None else None
                 out = save_lora(path, self.transformer, rank=self.settings.rank, alpha=alpha,
@@ -686,13 +686,15 @@ def read_checkpoint(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     return state, tensors
 
 
-def _save_full(path, state_dict: dict[str, torch.Tensor], metadata: dict, dtype) -> Path:
+def _save_full(path, transformer, metadata: dict, dtype, state_dict: dict[str, torch.Tensor] | None = None) -> Path:
+    """state_dict: the weights when they are not the module's own (gathered from FSDP shards)."""
     path = Path(path)
     if path.suffix.lower() != ".safetensors":
         raise CogVXError(f"{path}: weights are saved as .safetensors; use a name ending in .safetensors.")
+    state_dict = state_dict if state_dict is not None else transformer.state_dict()
     state = {k: v.detach().to("cpu", dtype or v.dtype).contiguous() for k, v in state_dict.items()
              if ".lora_adapters." not in k}
-    meta = {"format": "pt", **metadata}
+    meta = {"format": "pt", "config": json.dumps({k: v for k, v in transformer.config.items()}), **metadata}
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     save_file(state, str(tmp), metadata=meta)
