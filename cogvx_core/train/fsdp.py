@@ -137,6 +137,8 @@ def load_checkpoint(trainer, path: Path) -> None:
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
+    from .trainer import restore_run_state
+
     if not is_sharded_checkpoint(path):
         raise CogVXError(f"{path}: this checkpoint was saved unsharded (without --shard fsdp); resume it the way it "
                          "was made, or start a new run.")
@@ -155,9 +157,4 @@ def load_checkpoint(trainer, path: Path) -> None:
     if missing or keys.unexpected_keys:
         raise CogVXError(f"{path}: the checkpoint's weights do not match this run's trainable layers (missing "
                          f"{missing[:3]}, unexpected {list(keys.unexpected_keys)[:3]}); start a new run.")
-    torch.set_rng_state(rng["rng.torch"])
-    if "rng.cuda" in rng and trainer.device.type == "cuda":
-        torch.cuda.set_rng_state(rng["rng.cuda"], trainer.device)
-    trainer.step = int(state["step"])
-    trainer.history, trainer.validations = list(state["history"]), list(state["validations"])
-    trainer.lr_scale, trainer.bad_streak = float(state["lr_scale"]), int(state["bad_streak"])
+    restore_run_state(trainer, state, rng)

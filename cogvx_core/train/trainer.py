@@ -508,12 +508,7 @@ class Trainer:
         for i, scalars in state.get("optimizer_scalars", {}).items():
             opt_state.setdefault(int(i), {}).update(scalars)
         self.optimizer.load_state_dict({"state": opt_state, "param_groups": state["optimizer_groups"]})
-        torch.set_rng_state(tensors["rng.torch"])
-        if "rng.cuda" in tensors and self.device.type == "cuda":
-            torch.cuda.set_rng_state(tensors["rng.cuda"], self.device)
-        self.step = int(state["step"])
-        self.history, self.validations = list(state["history"]), list(state["validations"])
-        self.lr_scale, self.bad_streak = float(state["lr_scale"]), int(state["bad_streak"])
+        restore_run_state(self, state, tensors)
         self._snapshot = self._take_snapshot()
         return self.step
 
@@ -647,6 +642,17 @@ def publish_checkpoint(tmp: Path, final: Path, state: dict, keep: int) -> Path:
         if old != final:
             shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def restore_run_state(trainer: Trainer, state: dict, rng: dict[str, torch.Tensor]) -> None:
+    """What a checkpoint holds besides weights and optimizer: the RNG state, the step, the history, the learning-rate
+    scale."""
+    torch.set_rng_state(rng["rng.torch"])
+    if "rng.cuda" in rng and trainer.device.type == "cuda":
+        torch.cuda.set_rng_state(rng["rng.cuda"], trainer.device)
+    trainer.step = int(state["step"])
+    trainer.history, trainer.validations = list(state["history"]), list(state["validations"])
+    trainer.lr_scale, trainer.bad_streak = float(state["lr_scale"]), int(state["bad_streak"])
 
 
 def clear_checkpoints(root: str | os.PathLike) -> int:
