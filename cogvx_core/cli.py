@@ -28,6 +28,7 @@ COMMANDS = {
     "bench-gpu": "bench_gpu",
     "calibrate-cache": "calibrate_cache",
     "bench-speed": "bench_speed",
+    "bench-parallel": "bench_parallel",
 }
 
 

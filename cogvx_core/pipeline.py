@@ -15,6 +15,7 @@ generator, at the reference's place in the order.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +28,10 @@ from .checks import check_generate_inputs
 from .errors import CancelledError, CheckpointError, CogVXError
 from .noise import randn_like_reference
 from .offload import Offload
+from .parallel import cfg as cfg_parallel
+from .parallel.groups import ParallelGroups
+from .parallel.sequence import sequence_parallel
+from .parallel.vae_split import decode_split
 from .samplers import SAMPLERS, sample
 from .schedule import NoiseSchedule
 from .transformer import CogVideoXTransformer
@@ -201,10 +206,14 @@ def denoise(transformer: CogVideoXTransformer, latents: torch.Tensor, *, cond: t
             uncond: torch.Tensor | None, schedule: NoiseSchedule, timesteps, num_steps: int, sampler: str = "ddim",
             guidance: float = 6.0, dynamic_cfg: bool = False, generator: torch.Generator | None = None,
             image_latents: torch.Tensor | None = None, ofs: float | None = 2.0,
-            callback: StepCallback | None = None, cache_run: CacheRun | None = None) -> torch.Tensor:
+            callback: StepCallback | None = None, cache_run: CacheRun | None = None,
+            parallel: ParallelGroups | None = None) -> torch.Tensor:
     """The sampling loop on model-scale latents (B, C, T, h, w): CFG batches are [uncond, cond] as the reference's.
 
-    cache_run: a cache.CacheRun for len(timesteps) steps; each pass goes through it (step caching, pass counts)."""
+    cache_run: a cache.CacheRun for len(timesteps) steps; each pass goes through it (step caching, pass counts).
+    parallel: run on several processes (parallel/): the CFG halves on two ranks and/or the video tokens split over a
+    sequence group. Every rank must call this with the same inputs; every rank returns the same latents.
+    """
     if sampler not in SAMPLERS:
         raise CogVXError(f"Unknown sampler {sampler!r}; use one of {', '.join(SAMPLERS)}.")
     ofs_t = (torch.full((1,), float(ofs), device=latents.device, dtype=latents.dtype)
@@ -213,19 +222,30 @@ def denoise(transformer: CogVideoXTransformer, latents: torch.Tensor, *, cond: t
     def predict(x: torch.Tensor, t: int, do_cfg: bool):
         if do_cfg and uncond is None:
             raise CogVXError("Guidance above 1 needs a negative (unconditional) prompt embedding.")
-        context = torch.cat([uncond, cond]) if do_cfg else cond
+        split_cfg = do_cfg and parallel is not None and parallel.cfg_degree == 2
+        if split_cfg:  # this rank's half only; the other half comes from its CFG partner
+            do_cfg, context = False, cfg_parallel.guidance_context(uncond, cond, parallel)
+        else:
+            context = torch.cat([uncond, cond]) if do_cfg else cond
         x_in = torch.cat([x, x]) if do_cfg else x
         if image_latents is not None:
             img = torch.cat([image_latents, image_latents]) if do_cfg else image_latents
             x_in = torch.cat([x_in, img], dim=1)  # noise channels first
         ts = torch.full((x_in.shape[0],), t, device=x.device, dtype=torch.long)
         v = transformer(x_in, ts, context, ofs_t)
+        if split_cfg:
+            v_uncond, v_cond = cfg_parallel.exchange(v, parallel)
+            return v_cond, v_uncond
         if do_cfg:
             v_uncond, v_cond = v.chunk(2)
             return v_cond, v_uncond
         return v, None
 
-    with attached(transformer, cache_run):
+    with contextlib.ExitStack() as context:
+        context.enter_context(attached(transformer, cache_run))
+        if parallel is not None:
+            context.enter_context(sequence_parallel(transformer, parallel))
+            context.enter_context(cfg_parallel.cfg_parallel(transformer, parallel))
         return sample(predict, latents, schedule=schedule, timesteps=timesteps, sampler=sampler, guidance=guidance,
                       dynamic_cfg=dynamic_cfg, generator=generator, callback=callback, num_steps=num_steps)
 
@@ -236,8 +256,13 @@ def to_raw(latents: torch.Tensor, pad: int, scaling_factor: float) -> torch.Tens
     return 1 / scaling_factor * latents[:, :, pad:]
 
 
-def decode(vae, raw: torch.Tensor, *, tiling: Tiling | None = None, progress: Progress | None = None) -> torch.Tensor:
-    """Raw latents (B, C, T, h, w) -> frames (B, T', H, W, 3) float32 in [0, 1]."""
+def decode(vae, raw: torch.Tensor, *, tiling: Tiling | None = None, progress: Progress | None = None,
+           parallel: ParallelGroups | None = None) -> torch.Tensor | None:
+    """Raw latents (B, C, T, h, w) -> frames (B, T', H, W, 3) float32 in [0, 1]. parallel: the tiles are split over
+    the ranks and the frames returned on rank 0 only (None elsewhere)."""
+    if parallel is not None:
+        pixels = decode_split(vae, raw, tiling, parallel)
+        return None if pixels is None else model_output_to_frames(pixels)
     pixels = vae.decode(raw.to(vae.device, vae.dtype), tiling=tiling, progress=progress)  # (B, 3, T, H, W)
     return model_output_to_frames(pixels)
 
@@ -290,10 +315,13 @@ class CogVideoXPipeline:
                  seed: int | None = None, generator: torch.Generator | None = None,
                  progress: Progress | None = None, cancel: Callable[[], bool] | None = None,
                  decode_frames: bool = True, tiling: Tiling | None = None,
-                 cache: StepCache | CacheRun | None = None) -> Generation:
+                 cache: StepCache | CacheRun | None = None, parallel: ParallelGroups | None = None) -> Generation:
         """image, end_image: (B, 3, H, W) in [-1, 1] at (height, width); video: (B, 3, T, H, W) in [-1, 1] for V2V.
         cache: step caching (cache.parse_cache, with TeaCache's coefficients resolved: cache.resolve), or a CacheRun
-        for this run's steps to use as it is."""
+        for this run's steps to use as it is.
+        parallel: every rank of a torchrun launch calls this with the same arguments (parallel.make_groups); they
+        share rank 0's generator state, split the sampling and the VAE tiles, and rank 0 gets the frames (the other
+        ranks' Generation has frames None; all have the latents)."""
         check_generate_inputs(image=image, video=video, cond=cond, uncond=uncond, frames=frames, height=height,
                               width=width, steps=steps, seed=seed)
         variant, transformer = self.variant, self.transformer
@@ -328,6 +356,8 @@ class CogVideoXPipeline:
                 generator.manual_seed(int(seed))
             else:
                 generator.seed()
+        if parallel is not None:
+            cfg_parallel.share_generator(generator, parallel)
         dtype, device = self.dtype, self.device
         cond = cond.to(device, dtype)
         uncond = None if uncond is None else uncond.to(device, dtype)
@@ -357,12 +387,12 @@ class CogVideoXPipeline:
             latents = denoise(transformer, prepared.latents, cond=cond, uncond=uncond, schedule=self.schedule,
                               timesteps=prepared.timesteps, num_steps=steps, sampler=sampler, guidance=guidance,
                               dynamic_cfg=dynamic_cfg, generator=generator, image_latents=prepared.image_latents,
-                              callback=on_step, cache_run=passes)
+                              callback=on_step, cache_run=passes, parallel=parallel)
         raw = to_raw(latents, prepared.pad, sf)
         frames_out = None
         if decode_frames:
             with self.offload.stage(self.vae):
-                frames_out = decode(self.vae, raw, tiling=tiling)
+                frames_out = decode(self.vae, raw, tiling=tiling, parallel=parallel)
         return Generation(frames_out, raw, frames, height, width, notes, passes)
 
 

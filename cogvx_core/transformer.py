@@ -99,6 +99,7 @@ class CogVideoXTransformer(nn.Module):
         self.gradient_checkpointing = False
         self.attention_backend = "sdpa"
         self.step_cache = None  # a cache.CacheRun while a cached sampling run is going on
+        self.sequence_parallel = None  # parallel.sequence.SequenceShard while run sequence-parallel
 
     @staticmethod
     def _check_config(cfg: dict) -> None:
@@ -254,6 +255,9 @@ class CogVideoXTransformer(nn.Module):
         table, rope = self.positions(*grid, x.device)
         if table is not None:
             tokens = tokens + table.to(dtype)[-tokens.shape[1]:]  # 2b/5b-I2V: (text +) video rows
+        shard = self.sequence_parallel
+        if shard is not None:  # this rank's video tokens (and RoPE rows) only
+            tokens, rope = shard.shard(tokens, text_len, rope)
 
         if self.step_cache is not None:  # cache.CacheRun: may reuse the blocks' cached residual instead
             tokens = self.step_cache.blocks(self, tokens, temb, text_len, rope)
@@ -264,6 +268,8 @@ class CogVideoXTransformer(nn.Module):
         shift, scale = self.norm_out.linear(self.norm_out.silu(temb))[:, None].chunk(2, dim=-1)
         video = self.norm_out.norm(video) * (1 + scale) + shift
         out = self.proj_out(video)  # (B, N, C_out * pt * p * p), features (c, pt, ph, pw)
+        if shard is not None:
+            out = shard.gather(out)  # every rank's tokens
         gt, gh, gw = grid
         out = out.reshape(b, gt, gh, gw, self.out_channels, pt, p, p).permute(0, 4, 1, 5, 2, 6, 3, 7)
         return out.reshape(b, self.out_channels, t, h, w)

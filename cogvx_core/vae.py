@@ -152,6 +152,24 @@ class _TileGrid:
     overlap_w: float
 
 
+@dataclass(frozen=True)
+class TileLayout:
+    """A tiled decode's tiles: rows and cols are (latent origin, decoded size in pixels); blends and crops in pixels."""
+
+    grid: _TileGrid
+    rows: list[tuple[int, int]]
+    cols: list[tuple[int, int]]
+    blend_h: int
+    blend_w: int
+    limit_h: int
+    limit_w: int
+
+    @property
+    def tiles(self) -> list[tuple[int, int, int, int]]:
+        """(i, j, decoded height, decoded width) of every tile, row-major (the order they are blended in)."""
+        return [(i, j, th, tw) for i, th in self.rows for j, tw in self.cols]
+
+
 class CausalVAE(nn.Module):
     """AutoencoderKLCogVideoX: `encode` pixels (B, 3, 4k+1, H, W) in [-1, 1] to latents (B, 16, k+1, H/8, W/8),
     `decode` latents back. Latents are unscaled here; the pipeline applies `scaling_factor`."""
@@ -327,11 +345,10 @@ class CausalVAE(nn.Module):
         """Unscaled latents (B, latent, t, h, w) -> pixels (B, 3, T, 8h, 8w), roughly in [-1, 1] (not clamped)."""
         self._check_latents(latents)
         z = latents.to(device=self.device, dtype=self.dtype)
-        grid = self._tile_grid(tiling)
-        height, width = z.shape[-2:]
+        layout = self.tile_layout(z, tiling)
         with self._autograd(z):
-            if grid and (width > grid.latent_w or height > grid.latent_h):
-                return self._tiled_decode(z, grid, progress)
+            if layout is not None:
+                return self._tiled_decode(z, layout, progress)
             return self._decode_frames(z, _Steps(1, len(frame_chunks(z.shape[2], LATENT_FRAMES_PER_CHUNK)), progress))
 
     def _decode_frames(self, z: torch.Tensor, steps: "_Steps") -> torch.Tensor:
@@ -348,21 +365,36 @@ class CausalVAE(nn.Module):
             steps.done()
         return out
 
-    def _tiled_decode(self, z: torch.Tensor, s: _TileGrid, progress: Progress | None) -> torch.Tensor:
+    def tile_layout(self, z: torch.Tensor, tiling: Tiling | None) -> "TileLayout | None":
+        """Where the decode tiles of latents z (B, C, t, h, w) lie; None when `tiling` is off or z fits one tile."""
+        s = self._tile_grid(tiling)
         height, width = z.shape[-2:]
+        if s is None or (width <= s.latent_w and height <= s.latent_h):
+            return None
         f = self.spatial_factor
         stride_h = int(s.latent_h * (1 - s.overlap_h))
         stride_w = int(s.latent_w * (1 - s.overlap_w))
         blend_h = int(s.sample_h * s.overlap_h)
         blend_w = int(s.sample_w * s.overlap_w)
-        limit_h = s.sample_h - blend_h
-        limit_w = s.sample_w - blend_w
         rows = [(i, f * min(s.latent_h, height - i)) for i in range(0, height, stride_h)]
         cols = [(j, f * min(s.latent_w, width - j)) for j in range(0, width, stride_w)]
-        steps = _Steps(len(rows) * len(cols), len(frame_chunks(z.shape[2], LATENT_FRAMES_PER_CHUNK)), progress)
-        return self._tiled(lambda i, j: self._decode_frames(
-            z[:, :, :, i:i + s.latent_h, j:j + s.latent_w], steps),
-            rows, cols, blend_h, blend_w, limit_h, limit_w)
+        return TileLayout(s, rows, cols, blend_h, blend_w, s.sample_h - blend_h, s.sample_w - blend_w)
+
+    def decode_tile(self, z: torch.Tensor, layout: "TileLayout", i: int, j: int,
+                    steps: "_Steps | None" = None) -> torch.Tensor:
+        """The tile of z at latent origin (i, j), decoded: (B, 3, T, tile_h, tile_w), not yet blended."""
+        steps = steps or _Steps(1, len(frame_chunks(z.shape[2], LATENT_FRAMES_PER_CHUNK)), None)
+        return self._decode_frames(z[:, :, :, i:i + layout.grid.latent_h, j:j + layout.grid.latent_w], steps)
+
+    def blend_tiles(self, run_tile: Callable[[int, int], torch.Tensor], layout: "TileLayout") -> torch.Tensor:
+        """Decoded tiles (from run_tile(i, j), in row-major order) blended into the whole video."""
+        return self._tiled(run_tile, layout.rows, layout.cols, layout.blend_h, layout.blend_w, layout.limit_h,
+                           layout.limit_w)
+
+    def _tiled_decode(self, z: torch.Tensor, layout: "TileLayout", progress: Progress | None) -> torch.Tensor:
+        steps = _Steps(len(layout.rows) * len(layout.cols), len(frame_chunks(z.shape[2], LATENT_FRAMES_PER_CHUNK)),
+                       progress)
+        return self.blend_tiles(lambda i, j: self.decode_tile(z, layout, i, j, steps), layout)
 
     @staticmethod
     def _tiled(run_tile: Callable[[int, int], torch.Tensor], rows: list[tuple[int, int]],

@@ -37,7 +37,7 @@ class CogVXCache:
     RETURN_TYPES = ("COGVX_MODEL",)
     RETURN_NAMES = ("model",)
     FUNCTION = "apply"
-    CATEGORY = "CogVX"
+    CATEGORY = "CogVX/sampling"
     DESCRIPTION = ("Step caching: the sampler skips the transformer's blocks on steps where they would barely change "
                    "and reuses their last output (TeaCache or first-block cache). The sampler reports how many "
                    "passes it computed and skipped.")

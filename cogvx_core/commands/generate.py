@@ -46,6 +46,12 @@ def add_arguments(p) -> None:
     p.add_argument("--out", help=".mp4/.webm/.gif writes a video; any other path a folder of PNGs (required "
                    "unless --plan)")
     memory_args.add_arguments(p)
+    p.add_argument("--parallel", choices=["cfg", "sequence", "cfg+sequence"],
+                   help="split the run over the processes of a torchrun launch: the two guidance halves (cfg, 2 "
+                   "processes), the video tokens (sequence, Ulysses; the count must divide the heads) or both; the "
+                   "VAE tiles are split too. Same video as one process.")
+    p.add_argument("--tile", type=int, metavar="PIXELS", help="decode in square VAE tiles of this size (the "
+                   "reference's tiling; with --parallel the tiles are shared out)")
 
 
 def add_speed_arguments(p) -> None:
@@ -75,13 +81,7 @@ def speed_settings(args, pipe):
                    coefficients_file=args.cache_coefficients)
 
 
-
 def run(args) -> int:
-    from ..pipeline import load_pipeline
-    from ..variants import snap_request, snap_video
-    from ..video_io import (frames_to_model_input, pil_to_model_input, read_frames, read_image, read_image_notes,
-                            write_frames)
-
     # Everything a user typed is checked before minutes of loading and sampling, the output folder included.
     for name in ("frames", "height", "width", "steps"):
         positive(f"--{name}", getattr(args, name))
@@ -103,21 +103,62 @@ def run(args) -> int:
         args.model = str(TINY_MODEL)
     if not Path(args.model).exists():
         raise CogVXError(f"--model {args.model}: no such folder.")
+    if args.parallel:
+        if args.cache or args.compile or args.plan or (args.offload not in (None, "none")):
+            raise CogVXError("--parallel runs without --cache, --compile, --offload and --plan for now; drop them, or "
+                             "run in one process.")
+        return _run_parallel(args)
+    return _generate(args, None)
+
+
+def _run_parallel(args) -> int:
+    """One rank of `torchrun ... generate --parallel MODE`: every rank runs the same command."""
+    from ..parallel import make_groups
+    from ..train import ddp
+
+    info = ddp.init_from_env(args.device)
+    try:
+        if not info.distributed:
+            raise CogVXError(f"--parallel {args.parallel} splits the run over several processes: launch with "
+                             "torchrun --nproc-per-node N -m cogvx_core generate ... (one process per GPU).")
+        args.device = str(info.device)
+        return _generate(args, make_groups(args.parallel))
+    finally:
+        ddp.shutdown(info)
+
+
+def _generate(args, parallel) -> int:
+    """The run of one process (or one rank of a --parallel launch, `parallel` its groups)."""
+    from ..pipeline import load_pipeline
+    from ..vae import Tiling
+    from ..variants import snap_request, snap_video
+    from ..video_io import (frames_to_model_input, pil_to_model_input, read_frames, read_image, read_image_notes,
+                            write_frames)
+
     device = parse_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = DTYPES[args.dtype] if args.dtype else None
-    memory = memory_args.resolve(args, args.model, device, dtype, has_image=bool(args.image))
+    memory = None if parallel is not None else memory_args.resolve(args, args.model, device, dtype,
+                                                                   has_image=bool(args.image))
     if args.plan:
         return 0
     if not args.out:
         raise CogVXError("--out is required (a .mp4/.webm/.gif file or a folder for PNG frames).")
-    pipe = load_pipeline(args.model, dtype=dtype, device=device, offload=memory.offload,
-                         text_weight_dtype=memory.text_weight_dtype, weight_dtype=args.weight_dtype)
+    if memory is None:
+        pipe = load_pipeline(args.model, dtype=dtype, device=device)
+        from ..parallel import check_heads
+
+        check_heads(pipe.transformer.config["num_attention_heads"], parallel.seq_degree, parallel.cfg_degree)
+    else:
+        pipe = load_pipeline(args.model, dtype=dtype, device=device, offload=memory.offload,
+                             text_weight_dtype=memory.text_weight_dtype, weight_dtype=args.weight_dtype)
+    main = parallel is None or parallel.is_main
     variant = pipe.variant
     if args.lora:
         from ..lora import apply_loras, load_lora
 
         apply_loras(pipe.transformer, [(load_lora(p), s) for p, s in map(parse_lora, args.lora)])
     cache = speed_settings(args, pipe)
+    tiles = dict(tiling=Tiling(args.tile, args.tile)) if args.tile else (memory.tile_args if memory else {})
 
     height, width = args.height, args.width  # unset: the model's own defaults (the pipeline fills them in)
     image = end_image = video = None
@@ -143,7 +184,10 @@ def run(args) -> int:
                            strength=args.strength,
                            frames=args.frames, height=height, width=width, steps=args.steps,
                            guidance=args.guidance, dynamic_cfg=args.dynamic_cfg, sampler=args.sampler,
-                           seed=args.seed, progress=ProgressBar("sampling"), cache=cache, **memory.tile_args)
+                           seed=args.seed, progress=ProgressBar("sampling") if main else None, cache=cache,
+                           parallel=parallel, **tiles)
+    if not main:  # rank 0 writes the video
+        return 0
     print(result.passes.summary(), file=sys.stderr)
     for note in notes:  # the pipeline's own notes were logged as they arose: printed once, not again here
         print(f"note: {note}", file=sys.stderr)

@@ -3,7 +3,8 @@
     python -m cogvx_core train --model CogVideoX-5b --data clips/ --out style.safetensors --steps 2000 \\
         --checkpoint-dir ckpt/ --save-every 100 [--resume]
 
-Several GPUs: `torchrun --nproc-per-node 4 -m cogvx_core train ...` (DDP; CPU processes use gloo).
+Several GPUs: `torchrun --nproc-per-node 4 -m cogvx_core train ...` (DDP; CPU processes use gloo); add
+`--shard fsdp` to shard the weights, gradients and optimizer state over them (FSDP2).
 The folder layout is described in cogvx_core/train/dataset.py; latents and T5 embeddings are cached in
 <data>/.cogvx_cache (or --cache-dir) and reused while clips and settings stay the same.
 """
@@ -74,6 +75,9 @@ def add_arguments(p) -> None:
     p.add_argument("--val-every", type=int, default=0, help="fixed-noise validation loss every N steps (0: off)")
     p.add_argument("--val-data", help="held-out folder for the validation loss (default: clips of --data)")
     p.add_argument("--no-estimate", action="store_true", help="skip the memory and time estimate")
+    p.add_argument("--shard", choices=["none", "fsdp"], default="none", help="under torchrun: fsdp shards the "
+                   "weights, gradients and optimizer state over the processes (FSDP2; full fine-tunes and LoRAs, "
+                   "sharded checkpoints); none (default) keeps a whole copy per process (DDP)")
 
 
 class TrainBar:
@@ -182,7 +186,7 @@ def run(args) -> int:
 
         schedule = NoiseSchedule.from_config(folder.schedule_config) if folder.schedule_config else None
         trainer = Trainer(transformer, dataset, settings, schedule=schedule, scaling_factor=sf, dist=info,
-                          checkpoint_dir=args.checkpoint_dir, val_dataset=val_dataset)
+                          checkpoint_dir=args.checkpoint_dir, val_dataset=val_dataset, shard=args.shard)
         if args.checkpoint_dir and not args.resume:
             existing = latest_checkpoint(args.checkpoint_dir)
             if existing is not None:
@@ -193,8 +197,10 @@ def run(args) -> int:
             if main:
                 print(f"resumed from step {step}" if step is not None else
                       f"no checkpoint in {args.checkpoint_dir}; starting at step 0", file=sys.stderr)
-        if main and not args.no_estimate:
-            print(estimate(trainer).describe(), file=sys.stderr)
+        if not args.no_estimate and (main or args.shard == "fsdp"):  # sharded: every rank gathers a block
+            described = estimate(trainer).describe()
+            if main:
+                print(described, file=sys.stderr)
 
         bar = TrainBar(settings.steps, trainer.step) if main else None
         try:

@@ -68,9 +68,15 @@ def restore_training_state(trainer, path: Path) -> None:
     for i, scalars in state.get("optimizer_scalars", {}).items():
         opt_state.setdefault(int(i), {}).update(scalars)
     trainer.optimizer.load_state_dict({"state": opt_state, "param_groups": state["optimizer_groups"]})
-    torch.set_rng_state(tensors["rng.torch"])
-    if "rng.cuda" in tensors and trainer.device.type == "cuda":
-        torch.cuda.set_rng_state(tensors["rng.cuda"], trainer.device)
+    restore_run_state(trainer, state, tensors)
+
+
+def restore_run_state(trainer, state: dict, rng: dict[str, torch.Tensor]) -> None:
+    """What a checkpoint holds besides weights and optimizer (sharded or not): the RNG state, the step, the history,
+    the learning-rate scale."""
+    torch.set_rng_state(rng["rng.torch"])
+    if "rng.cuda" in rng and trainer.device.type == "cuda":
+        torch.cuda.set_rng_state(rng["rng.cuda"], trainer.device)
     trainer.step = int(state["step"])
     trainer.history, trainer.validations = list(state["history"]), list(state["validations"])
     trainer.lr_scale, trainer.bad_streak = float(state["lr_scale"]), int(state["bad_streak"])
@@ -132,14 +138,21 @@ def write_checkpoint(root: Path, step: int, tensors: dict[str, torch.Tensor], st
     tmp.mkdir()
     save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, str(tmp / "trainable.safetensors"),
               metadata={"format": "pt"})
+    return publish_checkpoint(tmp, final, state, keep, prefix)
+
+
+def publish_checkpoint(tmp: Path, final: Path, state: dict, keep: int, prefix: str = STEP_PREFIX) -> Path:
+    """Adds state.json to a checkpoint written in `tmp` (one safetensors file, or a sharded one), syncs it and renames
+    it to `final` (a complete checkpoint or none); older ones beyond `keep` are removed afterwards."""
     (tmp / "state.json").write_text(json.dumps(state))
     for f in tmp.iterdir():
-        _fsync(f)
+        if f.is_file():
+            _fsync(f)
     if final.exists():  # the same step saved again (a resumed run): the older copy goes
         shutil.rmtree(final)
     os.replace(tmp, final)
-    _fsync(root)
-    for old in list_checkpoints(root, prefix)[:-keep]:
+    _fsync(final.parent)
+    for old in list_checkpoints(final.parent, prefix)[:-keep]:
         if old != final:
             shutil.rmtree(old, ignore_errors=True)
     return final
@@ -162,7 +175,7 @@ def list_checkpoints(root: str | os.PathLike, prefix: str = STEP_PREFIX) -> list
     found = []
     for p in root.iterdir():
         if p.name.startswith(prefix) and p.name[len(prefix):].isdigit() and (p / "state.json").is_file() \
-                and (p / "trainable.safetensors").is_file():
+                and ((p / "trainable.safetensors").is_file() or (p / ".metadata").is_file()):  # .metadata: sharded
             found.append(p)
     return sorted(found, key=lambda p: int(p.name[len(prefix):]))
 

@@ -1,11 +1,14 @@
 """A memory and time estimate for a training run, made before its first step.
 
-Memory = the model's weights + the trainable parameters with their gradients and AdamW moments (fp32) + the
-activations kept for the backward pass of the largest batch. The activations are not guessed: one transformer block
+Memory (per process) = the model's weights + the trainable parameters with their gradients and AdamW moments (fp32) +
+the activations kept for the backward pass of the largest batch. The activations are not guessed: one transformer block
 is run on a few tokens with the run's dtype, LoRA and autocast, and the bytes autograd saves are counted per token;
 the whole model then keeps that for every block (no checkpointing), or only each block's input plus one block's
 worth during its recomputation (gradient checkpointing). Attention kernels that keep no (S x S) matrix make this
 linear in the token count.
+
+Sharded (FSDP) runs keep 1/N of the weights, gradients and optimizer state per process plus two blocks' full weights
+(the one running and the one prefetched); every process must then call `estimate` (it gathers one block).
 
 Time = the step's matrix FLOPs (forward, backward to the inputs, weight gradients for what is trained, and the
 recomputed forward under checkpointing) over the device's measured matmul rate.
@@ -17,6 +20,8 @@ import time
 from dataclasses import dataclass
 
 import torch
+
+from . import fsdp
 
 GiB = 2**30
 
@@ -99,8 +104,9 @@ def block_bytes_per_token(trainer, text_len: int = 16, grid: tuple[int, int, int
     n = (grid[0] // pt or 1) * grid[1] * grid[2]
     x = torch.randn(1, text_len + n, t.inner_dim, device=dev, dtype=dtype, requires_grad=True)
     temb = torch.randn(1, t.config["time_embed_dim"], device=dev, dtype=dtype)
-    with torch.enable_grad(), trainer.autocast():
-        saved = saved_activation_bytes(lambda: block(x, temb, text_len, rope), _param_ptrs(block))
+    # block.forward, not block(...): under FSDP the weights are gathered here once, without its hooks
+    with fsdp.gathered(block), torch.enable_grad(), trainer.autocast():
+        saved = saved_activation_bytes(lambda: block.forward(x, temb, text_len, rope), _param_ptrs(block))
     return saved / (text_len + n)
 
 
@@ -141,6 +147,10 @@ def estimate(trainer, *, measure_rate: bool = True) -> Estimate:
     weights = sum(p.numel() * p.element_size() for p in t.parameters() if id(p) not in trainable_ids)
     weights += sum(b.numel() * b.element_size() for b in t.buffers())
     optimizer = sum(p.numel() * p.element_size() for p in trainer.params) + trainable * (4 + 8)  # grad + 2 moments
+    if getattr(trainer, "shard", "none") == "fsdp":  # each rank keeps 1/N, plus two blocks gathered (one prefetched)
+        shards = trainer.dist.world_size
+        block = sum(p.numel() * p.element_size() for p in t.transformer_blocks[0].parameters())
+        weights, optimizer = weights / shards + 2 * block, optimizer / shards
 
     batch, per_sample = largest_batch(trainer)
     tokens = batch * per_sample

@@ -42,7 +42,7 @@ from ..lora import DEFAULT_TARGETS, add_trainable_lora, lora_state_dict, save_lo
 from ..safe_write import FolderLock, atomic_path, writing
 from ..schedule import NoiseSchedule
 from ..transformer import CogVideoXTransformer
-from . import ddp
+from . import ddp, fsdp
 from .buckets import BatchPlan, attention_key_mask, pack
 from .cache import module_fingerprint
 from .checkpoint import latest_checkpoint, restore_training_state, training_state, write_checkpoint
@@ -168,8 +168,12 @@ class Trainer:
     def __init__(self, transformer: CogVideoXTransformer, dataset: CogVXDataset, settings: TrainSettings, *,
                  schedule: NoiseSchedule | None = None, scaling_factor: float | None = None,
                  dist: ddp.DistInfo | None = None, checkpoint_dir: str | os.PathLike | None = None,
-                 val_dataset: CogVXDataset | None = None):
+                 val_dataset: CogVXDataset | None = None, shard: str = "none"):
+        """shard: "none" (DDP when there are several processes) or "fsdp" (parameters, gradients and optimizer
+        state sharded over the processes, fsdp.py)."""
         settings.check()
+        if shard not in fsdp.SHARDING:
+            raise CogVXError(f"Unknown sharding {shard!r}; use one of {', '.join(fsdp.SHARDING)}.")
         variant = transformer.variant
         if variant.i2v:
             raise CogVXError(f"{transformer.name} is an image-to-video model; CogVX trains text-to-video models only "
@@ -211,7 +215,13 @@ class Trainer:
         self._attention = _KeyMaskedAttention(transformer.transformer_blocks[0].attn1.attention_fn)
         self._active = False
         self.activate()
-        self.model = ddp.wrap(transformer, self.dist)
+        self.shard = shard
+        if shard == "fsdp":
+            self.model = fsdp.shard(transformer)
+            named = dict(transformer.named_parameters())  # fully_shard put sharded parameters in their place
+            self.params = [named[n] for n in self.param_names]
+        else:
+            self.model = ddp.wrap(transformer, self.dist)
         self.optimizer = torch.optim.AdamW(self.params, lr=settings.learning_rate, betas=tuple(settings.betas),
                                            eps=settings.adam_eps, weight_decay=settings.weight_decay)
         self.alphas_cumprod = self.schedule.alphas_cumprod.to(self.device)
@@ -337,7 +347,7 @@ class Trainer:
         finally:
             self._attention.mask = None
         max_norm = s.max_grad_norm if s.max_grad_norm > 0 else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm)
+        grad_norm = fsdp.full(torch.nn.utils.clip_grad_norm_(self.params, max_norm))
         mean_loss = float(ddp.all_mean(loss.detach().float(), self.dist))
         finite = ddp.all_true(bool(math.isfinite(mean_loss) and torch.isfinite(grad_norm)), self.dist)
         rolled_back = False
@@ -346,7 +356,8 @@ class Trainer:
             self.bad_streak = 0
         else:
             self.bad_streak += 1
-            weights_bad = not all(bool(torch.isfinite(p).all()) for p in self.params)
+            weights_bad = not ddp.all_true(all(bool(torch.isfinite(fsdp.local(p)).all()) for p in self.params),
+                                           self.dist)
             log.warning("step %d: loss %s / grad norm %s is not finite; the step is skipped", step + 1, mean_loss,
                         float(grad_norm))
             if weights_bad or self.bad_streak >= s.nan_patience:
@@ -409,8 +420,8 @@ class Trainer:
         count = 0
         base = ddp.unwrap(self.model)
         for n, i in enumerate(self.validation_indices()):
-            if n % self.dist.world_size != self.dist.rank:
-                continue
+            if n % self.dist.world_size != self.dist.rank and self.shard != "fsdp":
+                continue  # sharded: every rank runs every forward (each gathers the weights with the others)
             x = self._clip_latents(i, None, self.val_dataset)[None].expand(len(ts), -1, -1, -1, -1)
             noise = torch.randn(x.shape[1:], generator=generator(self.settings.seed, "val-noise", i))
             context = self.val_dataset.context(i)[None].expand(len(ts), -1, -1)
@@ -442,6 +453,9 @@ class Trainer:
         """Writes the full training state to <checkpoint_dir>/step-NNNNNNNN (atomically); the main rank writes."""
         if self.checkpoint_dir is None:
             raise CogVXError("No checkpoint folder was given; pass checkpoint_dir (--checkpoint-dir).")
+        if self.shard == "fsdp":
+            return fsdp.save_checkpoint(self, self.checkpoint_dir, training_state(self)[0],
+                                        self.settings.keep_checkpoints)
         path = None
         if self.dist.is_main:
             state, tensors = training_state(self)
@@ -460,7 +474,15 @@ class Trainer:
             path = latest_checkpoint(self.checkpoint_dir)
             if path is None:
                 return None
-        restore_training_state(self, Path(path))
+        path = Path(path)
+        if self.shard == "fsdp":  # the sharded checkpoint, with everything else the checkpoint holds
+            fsdp.load_checkpoint(self, path)
+            self._snapshot = self._take_snapshot()
+            return self.step
+        if fsdp.is_sharded_checkpoint(path):
+            raise CogVXError(f"{path}: this checkpoint is sharded (saved with --shard fsdp); resume with --shard fsdp "
+                             f"and {self.dist.world_size} processes as it was made.")
+        restore_training_state(self, path)
         self._snapshot = self._take_snapshot()
         return self.step
 
@@ -486,11 +508,20 @@ class Trainer:
     def save(self, path: str | os.PathLike, dtype: torch.dtype | None = None) -> Path | None:
         """The LoRA (diffusers/peft layout, metadata with rank, alpha, targets and base variant) or, for full
         fine-tuning, the whole transformer as diffusers-named .safetensors. The main rank writes."""
+        if self.shard == "fsdp" and self.settings.full_finetune:
+            return self._save(path, dtype, fsdp.full_state_dict(self.model))  # every rank gathers, rank 0 keeps
+        if self.shard == "fsdp":
+            with fsdp.gathered(self.model):  # every rank gathers; the main rank writes the full LoRA
+                return self._save(path, dtype)
+        return self._save(path, dtype)
+
+    def _save(self, path, dtype, state: dict | None = None) -> Path | None:
         out = None
         if self.dist.is_main:
             if self.settings.full_finetune:
                 out = _save_full(path, self.transformer, {**self.metadata(),
-                                                          "cogvx.base_variant": self.transformer.variant.name}, dtype)
+                                                          "cogvx.base_variant": self.transformer.variant.name}, dtype,
+                                 state_dict=state)
             else:
                 alpha = self.settings.alpha if self.settings.alpha is not None else None
                 out = save_lora(path, self.transformer, rank=self.settings.rank, alpha=alpha,
@@ -514,11 +545,12 @@ def _clone_state(sd: dict) -> dict:
     return clone(sd)
 
 
-def _save_full(path, transformer, metadata: dict, dtype) -> Path:
+def _save_full(path, transformer, metadata: dict, dtype, state_dict: dict | None = None) -> Path:
     path = Path(path)
     if path.suffix.lower() != ".safetensors":
         raise CogVXError(f"{path}: weights are saved as .safetensors; use a name ending in .safetensors.")
-    state = {k: v.detach().to("cpu", dtype or v.dtype).contiguous() for k, v in transformer.state_dict().items()
+    state_dict = state_dict if state_dict is not None else transformer.state_dict()
+    state = {k: v.detach().to("cpu", dtype or v.dtype).contiguous() for k, v in state_dict.items()
              if ".lora_adapters." not in k}
     meta = {"format": "pt", "config": json.dumps({k: v for k, v in transformer.config.items()}), **metadata}
     with atomic_path(path) as tmp:

@@ -11,18 +11,18 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from cogvx_core.train import ddp
-from cogvx_core.train.buckets import BatchPlan, make_buckets
+from cogvx_core.train.buckets import make_buckets
 from cogvx_core.train.dataset import prepare_dataset
-from cogvx_core.train.timesteps import TimestepSampler
 from cogvx_core.train.trainer import Trainer, TrainSettings
-from trainkit import CAPTIONS, load_parts, write_clip
+from trainkit import CAPTIONS, load_parts, train_like_ranks, write_clip
 
 STEPS = 3
 
 
 @pytest.mark.slow
-def test_torchrun_two_gloo_processes_equal_gradient_averaging(model_folder, tmp_path):
+@pytest.mark.parametrize("shard", ["none", "fsdp"])
+def test_torchrun_two_gloo_processes_equal_gradient_averaging(model_folder, tmp_path, shard):
+    """DDP, and FSDP sharding (--shard fsdp, with the per-process memory estimate every rank helps make)."""
     folder = model_folder("5b")
     data = tmp_path / "data"
     data.mkdir()
@@ -37,10 +37,12 @@ def test_torchrun_two_gloo_processes_equal_gradient_averaging(model_folder, tmp_
                           "-m", "cogvx_core", "train", "--model", str(folder), "--data", str(data), "--out", str(out),
                           "--steps", str(STEPS), "--rank", "4", "--alpha", "2", "--lr", "3e-3", "--batch-size", "2",
                           "--frames", "9", "--height", "32", "--width", "48", "--seed", "5", "--device", "cpu",
-                          "--schedule", "cosine", "--warmup", "1", "--no-estimate"],
+                          "--schedule", "cosine", "--warmup", "1", "--shard", shard,
+                          *(["--no-estimate"] if shard == "none" else [])],
                          env=env, capture_output=True, text=True, timeout=600, cwd=str(tmp_path))
     assert run.returncode == 0, run.stderr[-3000:]
     assert run.stderr.count("train [") >= 1 and "5 clips" in run.stderr  # rank 0 reports, once
+    assert run.stderr.count("estimate: peak memory") == (shard == "fsdp")
     assert len(list((data / ".cogvx_cache" / "latents").glob("*/*.safetensors"))) == 5  # both shards were encoded
 
     # one process doing what the two ranks do: rank r's batch and timesteps, gradients averaged
@@ -50,21 +52,7 @@ def test_torchrun_two_gloo_processes_equal_gradient_averaging(model_folder, tmp_
     settings = TrainSettings(steps=STEPS, rank=4, alpha=2, learning_rate=3e-3, batch_size=2, seed=5,
                              mixed_precision="no", lr_schedule="cosine", warmup_steps=1)
     ref = Trainer(transformer, ds, settings, scaling_factor=vae.scaling_factor)
-    ref.plan = BatchPlan([ds.group(i) for i in range(len(ds))], 2, world_size=2, seed=5)
-    ref.sampler = TimestepSampler(1000, "explicit", world_size=2, batch_size=2, seed=5)
-    seen_t = []
-    for step in range(STEPS):
-        for group in ref.optimizer.param_groups:
-            group["lr"] = ref.lr_at(step)
-        for rank in range(2):
-            ref.dist = ddp.DistInfo(rank=rank, world_size=2)  # only the batch choice reads it here
-            _, latents, mask, context, noise, t = ref.batch(step)
-            ref.dist = ddp.DistInfo()
-            seen_t.append(t)
-            (ref.compute_loss(latents, noise, t, context, mask).mean() / 2).backward()
-        torch.nn.utils.clip_grad_norm_(ref.params, settings.max_grad_norm)
-        ref.optimizer.step()
-        ref.optimizer.zero_grad()
+    seen_t = train_like_ranks(ref, STEPS)
     with safe_open(str(out), "pt") as f:
         trained = {k: f.get_tensor(k) for k in f.keys()}
     expected = {k.replace(".lora_adapters.0.down", ".lora_A.weight").replace(".lora_adapters.0.up", ".lora_B.weight"):

@@ -64,3 +64,30 @@ def small_dataset(folder: Path, data: Path, *, frames=(9, 9, 5, 1), size=(32, 48
     ds = prepare_dataset(data, vae=vae, text_encoder=text, variant=transformer.variant, buckets=buckets,
                          cache_dir=cache_dir, fps=0, **kw)
     return transformer, ds
+
+
+def train_like_ranks(trainer, steps: int, world_size: int = 2) -> list:
+    """Trains `trainer` (one process) as `world_size` data-parallel ranks would: each step takes every rank's batch
+    and timesteps and averages their gradients. Returns the timesteps drawn, per step and rank."""
+    from cogvx_core.train import ddp
+    from cogvx_core.train.buckets import BatchPlan
+    from cogvx_core.train.timesteps import TimestepSampler
+
+    s, ds = trainer.settings, trainer.dataset
+    trainer.plan = BatchPlan([ds.group(i) for i in range(len(ds))], s.batch_size, world_size=world_size, seed=s.seed)
+    trainer.sampler = TimestepSampler(1000, s.timestep_sampling, world_size=world_size, batch_size=s.batch_size,
+                                      seed=s.seed)
+    seen = []
+    for step in range(steps):
+        for group in trainer.optimizer.param_groups:
+            group["lr"] = trainer.lr_at(step)
+        for rank in range(world_size):
+            trainer.dist = ddp.DistInfo(rank=rank, world_size=world_size)  # only the batch choice reads it here
+            _, latents, mask, context, noise, t = trainer.batch(step)
+            trainer.dist = ddp.DistInfo()
+            seen.append(t)
+            (trainer.compute_loss(latents, noise, t, context, mask).mean() / world_size).backward()
+        torch.nn.utils.clip_grad_norm_(trainer.params, s.max_grad_norm)
+        trainer.optimizer.step()
+        trainer.optimizer.zero_grad()
+    return seen
