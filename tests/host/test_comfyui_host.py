@@ -30,12 +30,10 @@ import numpy as np
 import pytest
 import torch
 
+from tests.host.host_env import require_host
+
 ROOT = Path(__file__).resolve().parents[2]
-COMFYUI_PATH = os.environ.get("COMFYUI_PATH")
-COMFYUI_PYTHON = os.environ.get("COMFYUI_PYTHON")
-if not COMFYUI_PATH or not COMFYUI_PYTHON:
-    pytest.skip("NO COMFYUI HOST: set COMFYUI_PATH (a ComfyUI tree) and COMFYUI_PYTHON (its python; see "
-                "scripts/setup_comfyui_host.sh) to run the pack inside a real ComfyUI server", allow_module_level=True)
+COMFYUI_PATH, COMFYUI_PYTHON = require_host("run the pack inside a real ComfyUI server")
 
 from builders import randomize_, write_pipeline_folder  # noqa: E402
 from cogvx_core.models import builtin_models  # noqa: E402

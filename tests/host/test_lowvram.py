@@ -10,15 +10,12 @@ import os
 import subprocess
 from pathlib import Path
 
-import pytest
 import torch
 
+from tests.host.host_env import require_host
+
 ROOT = Path(__file__).resolve().parents[2]
-COMFYUI_PATH = os.environ.get("COMFYUI_PATH")
-COMFYUI_PYTHON = os.environ.get("COMFYUI_PYTHON")
-if not COMFYUI_PATH or not COMFYUI_PYTHON:
-    pytest.skip("NO COMFYUI HOST: set COMFYUI_PATH (a ComfyUI tree) and COMFYUI_PYTHON (its python; see "
-                "scripts/setup_comfyui_host.sh) to check weight streaming inside a real ComfyUI", allow_module_level=True)
+COMFYUI_PATH, COMFYUI_PYTHON = require_host("check weight streaming inside a real ComfyUI")
 
 from builders import write_pipeline_folder  # noqa: E402
 from cogvx_core.checkpoints.transformer import load_transformer  # noqa: E402
