@@ -5,7 +5,8 @@ model folders live under $COGVX_MODELS_DIR (default ./models), the device is CUD
 no-op, nothing interrupts and messages go to the log.
 
 Memory: each loaded model (transformer, VAE, T5) is built from ComfyUI's weight-casting layers (`operations()`:
-comfy.ops.manual_cast) and is a `Managed` model: wrapped in a comfy.model_patcher.ModelPatcher and loaded with
+comfy.ops.manual_cast) and is a `Managed` model: wrapped in ComfyUI's CoreModelPatcher (its dynamic-VRAM patcher
+where the host runs one, else ModelPatcher) and loaded with
 comfy.model_management.load_models_gpu, so ComfyUI moves it between the GPU and the CPU alongside every other model
 (it frees what it needs, nothing more) and, when the model does not fit in what is free (an 8-16 GB card, --lowvram,
 --novram, --reserve-vram), loads part of it and streams the rest layer by layer, exactly as its own models.
@@ -225,7 +226,10 @@ class Managed:
         self.patcher = None
         if IN_COMFY:
             holder = CogVXManagedModel(module, self.offload_device)
-            self.patcher = comfy.model_patcher.ModelPatcher(holder, self.load_device, self.offload_device)
+            # CoreModelPatcher is what ComfyUI's own models get: with dynamic VRAM on (0.33+, a GPU) the dynamic
+            # patcher, elsewhere (older hosts, the CPU) the plain one.
+            patcher_class = getattr(comfy.model_patcher, "CoreModelPatcher", comfy.model_patcher.ModelPatcher)
+            self.patcher = patcher_class(holder, self.load_device, self.offload_device)
 
     def size(self) -> int:
         return sum(t.nbytes for t in self.module.state_dict().values())
