@@ -332,7 +332,15 @@ def make_dataset(out: str | Path, n: int, seed: int = 0, frames: int = 9, height
         target = out / (name + ".mp4" if video_format == "mp4" else name)
         paths.append(write_frames(render(clip), target, fps=8))
         text = caption(clip)
-        (out / f"{name}.txt").write_text(text + "\n", encoding="utf-8")
+        _write_text(out / f"{name}.txt", text + "\n")
         lines.append(json.dumps({"name": name, "caption": text, **clip.to_dict()}))
-    (out / "clips.jsonl").write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+    _write_text(out / "clips.jsonl", "".join(line + "\n" for line in lines))
     return paths
+
+
+def _write_text(path: Path, text: str) -> None:
+    """A caption or index file, whole or not at all (a kill mid-write leaves no half caption)."""
+    from ..safe_write import atomic_path
+
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
