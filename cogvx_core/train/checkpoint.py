@@ -136,9 +136,13 @@ def write_checkpoint(root: Path, step: int, tensors: dict[str, torch.Tensor], st
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
-    save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, str(tmp / "trainable.safetensors"),
-              metadata={"format": "pt"})
-    return publish_checkpoint(tmp, final, state, keep, prefix)
+    try:
+        save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()},
+                  str(tmp / "trainable.safetensors"), metadata={"format": "pt"})
+        return publish_checkpoint(tmp, final, state, keep, prefix)
+    except BaseException:  # a full disk, a kill by exception: no half checkpoint is left behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def publish_checkpoint(tmp: Path, final: Path, state: dict, keep: int, prefix: str = STEP_PREFIX) -> Path:

@@ -120,6 +120,7 @@ def test_a_full_disk_during_a_checkpoint_is_an_error_and_keeps_the_previous(setu
     with pytest.raises(CogVXError, match=rf"{ckpt}: cannot write here: the disk is full"):
         t.save_checkpoint()
     assert list_checkpoints(ckpt) == [first]
+    assert not list(ckpt.glob(".step-*.tmp-*"))  # the failed write left no temporary folder behind
     (mount / "filler").unlink()
     assert _trainer(setup, ckpt).resume() == 1  # the previous checkpoint is whole
 
