@@ -334,7 +334,8 @@ class CogVideoXPipeline:
         default_frames, default_height, default_width = transformer.default_size()
         frames, height, width = frames or default_frames, height or default_height, width or default_width
         new_f, new_h, new_w, notes = snap_request(variant, frames, height, width, has_image=image is not None,
-                                                  released=is_released_size(transformer), name=transformer.name)
+                                                  released=is_released_size(transformer), name=transformer.name,
+                                                  learned_size=transformer.learned_size)
         if video is not None and (new_f, new_h, new_w) != (frames, height, width):
             raise CogVXError(f"The input video has {frames} frames of {width}x{height}; video-to-video needs 4k+1 "
                              "frames and sizes that are multiples of 16. Trim or resize the video first.")

@@ -179,13 +179,15 @@ def snap_frames(frames: int) -> int:
 
 
 def snap_request(variant: Variant, frames: int, height: int, width: int, *, has_image: bool,
-                 released: bool = True, name: str | None = None) -> tuple[int, int, int, list[str]]:
+                 released: bool = True, name: str | None = None, learned_size: tuple[int, int] | None = None
+                 ) -> tuple[int, int, int, list[str]]:
     """Valid (frames, height, width) for `variant`, with one note per change or hint.
 
     Structural rules hold for every model: 4k+1 frames, sizes that are multiples of 16, an image for image-to-video
     models and none for text-to-video ones. `released` adds the release's own limits: 720x480 for 5b-I2V (its learned
     position table), and for 1.5-I2V a shorter side of 768 and a longer side of at most 1360. `name`: the model's own
-    name, for messages (default: the variant's title).
+    name, for messages (default: the variant's title). `learned_size`: (height, width) a model's learned position
+    table fixes (transformer.learned_size: cogvx-tiny, small 5b-I2V-like models); the size snaps to it.
     """
     name = name or variant.title
     if variant.i2v and not has_image:
@@ -206,10 +208,12 @@ def snap_request(variant: Variant, frames: int, height: int, width: int, *, has_
     if released and frames > variant.max_frames:
         notes.append(f"hint: {variant.title} was trained on at most {variant.max_frames} frames; longer videos degrade")
 
-    if released and variant.positions == "rope+learned" and (width, height) != (variant.width, variant.height):
-        notes.append(f"size {width}x{height} -> {variant.width}x{variant.height}: {variant.title}'s learned "
-                     "positions exist for that size only")
-        return frames, variant.height, variant.width, notes
+    fixed = learned_size or ((variant.height, variant.width) if released and variant.positions == "rope+learned"
+                             else None)
+    if fixed is not None and (height, width) != tuple(fixed):
+        notes.append(f"size {width}x{height} -> {fixed[1]}x{fixed[0]}: {name}'s learned positions exist for that "
+                     "size only")
+        return frames, fixed[0], fixed[1], notes
     if released and variant.i2v and variant.generation == "1.5":
         short, long_ = (height, width) if height <= width else (width, height)
         new_long = min(1360, max(768, _nearest_multiple(long_ * 768 / max(short, 1), 16, 16)))

@@ -62,14 +62,16 @@ def _size_inputs(variant_names: list[str], default: str, zero_means_image: bool 
 
 
 def _rules(variant: str, model) -> tuple:
-    """(Variant, released) from the connected model when there is one, else from the combo."""
+    """(Variant, released, model) from the connected model when there is one, else from the combo."""
     if model is not None:
-        return model.variant, is_released_size(model.transformer)
-    return get_variant(variant), True
+        return model.variant, is_released_size(model.transformer), model
+    return get_variant(variant), True, None
 
 
-def _snap(variant, released, frames, height, width, node_id) -> tuple[int, int, int, list[str]]:
-    f, h, w, notes = snap_request(variant, frames, height, width, has_image=variant.i2v, released=released)
+def _snap(variant, released, model, frames, height, width, node_id) -> tuple[int, int, int, list[str]]:
+    """The valid size for the variant, or the connected model's own (its name, its learned size), with notes."""
+    own = {} if model is None else dict(name=model.transformer.name, learned_size=model.transformer.learned_size)
+    f, h, w, notes = snap_request(variant, frames, height, width, has_image=variant.i2v, released=released, **own)
     for note in notes:
         host.say(note, node_id)
     return f, h, w, notes
@@ -138,8 +140,8 @@ class CogVXEmptyLatent:
                    "multiples of 16 (5B-I2V: 720x480; 1.5-I2V: shorter side 768); the node shows what it changed.")
 
     def make(self, variant, frames, width, height, batch_size, model=None, vae=None, unique_id=None):
-        v, released = _rules(variant, model)
-        f, h, w, notes = _snap(v, released, frames, height, width, unique_id)
+        v, released, connected = _rules(variant, model)
+        f, h, w, notes = _snap(v, released, connected, frames, height, width, unique_id)
         return _ui((preview.attach(_empty(batch_size, f, h, w), vae),), notes)
 
 
@@ -194,13 +196,13 @@ class CogVXImageToVideo:
 
     def encode(self, vae, start_image, variant, frames, width, height, batch_size, end_image=None, model=None,
                unique_id=None):
-        v, released = _rules(variant, model)
+        v, released, connected = _rules(variant, model)
         if not v.i2v:
             raise CogVXError(f"{v.title} is a text-to-video model: image-to-video needs 5B-I2V or 1.5-5B-I2V. Load "
                              "an I2V model, or use CogVXEmptyLatent for text-to-video.")
         height = height or int(start_image.shape[1])
         width = width or int(start_image.shape[2])
-        f, h, w, notes = _snap(v, released, frames, height, width, unique_id)
+        f, h, w, notes = _snap(v, released, connected, frames, height, width, unique_id)
         for note in image_notes(start_image[0], (h, w)):
             host.say(note, unique_id)
             notes.append(note)

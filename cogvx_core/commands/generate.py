@@ -168,7 +168,8 @@ def _generate(args, parallel) -> int:
         height, width = height or default_height, width or default_width
         if variant.i2v:  # the size the run will have, so the images are resized once, as the nodes do
             _, height, width, _ = snap_request(variant, args.frames or default_frames, height, width, has_image=True,
-                                               released=pipe.transformer.released_size, name=pipe.transformer.name)
+                                               released=pipe.transformer.released_size, name=pipe.transformer.name,
+                                               learned_size=pipe.transformer.learned_size)
         image = pil_to_model_input(read_image(args.image), height, width)[None].to(pipe.dtype)  # (1, 3, H, W)
         if args.end_image:
             end_image = pil_to_model_input(read_image(args.end_image), height, width)[None].to(pipe.dtype)

@@ -128,3 +128,16 @@ def test_recipe_never_overwrites_the_shipped_model_unasked(tmp_path, capsys):
     assert not work.exists()  # refused before any work
     args = build_parser("recipe").parse_args(["recipe", "tiny"])
     assert Path(args.out).resolve() != TINY_MODEL.resolve() and not args.replace_builtin
+
+
+def test_a_graph_with_the_built_in_model_snaps_sizes_to_its_own(text_encoder):
+    """The empty-latent node's widgets default to the 5b's 720x480; with cogvx-tiny connected they snap to the size
+    its learned positions fix, and say so (the sampler would refuse 720x480); the pipeline does the same."""
+    from nodes.conditioning import CogVXEmptyLatent
+
+    model, _, _ = _handles(text_encoder)
+    out = CogVXEmptyLatent().make("5b", 49, 720, 480, 1, model=model)
+    assert out["result"][0]["samples"].shape == (1, 16, 13, 8, 8)  # 64x64
+    assert any("720x480 -> 64x64" in n and "cogvx-tiny" in n for n in out["ui"]["text"])
+    result = load_pipeline(TINY_MODEL).generate(PROMPT, height=480, width=720, steps=1, decode_frames=False)
+    assert (result.height, result.width) == (64, 64) and "720x480 -> 64x64" in " ".join(result.notes)
