@@ -13,6 +13,7 @@ from cogvx_core.cli import main
 ROOT = Path(__file__).resolve().parents[2]
 
 
+@pytest.mark.slow
 def test_module_entry_lists_commands_and_help():
     out = subprocess.run([sys.executable, "-m", "cogvx_core", "generate", "--help"], cwd=ROOT, capture_output=True,
                          text=True, timeout=120)
@@ -22,6 +23,7 @@ def test_module_entry_lists_commands_and_help():
         assert flag in out.stdout
 
 
+@pytest.mark.slow
 def test_unknown_model_is_one_line_no_traceback(tmp_path):
     out = subprocess.run([sys.executable, "-m", "cogvx_core", "generate", "--model", str(tmp_path / "none"),
                           "--prompt", "x", "--out", str(tmp_path / "o")], cwd=ROOT, capture_output=True, text=True,
@@ -30,6 +32,7 @@ def test_unknown_model_is_one_line_no_traceback(tmp_path):
     assert "Traceback" not in out.stderr and len(out.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_console_script():
     exe = shutil.which("cogvx")
     if exe is None:

@@ -11,6 +11,8 @@ from PIL import Image
 from builders import psnr, reference_pipeline, write_pipeline_folder
 from cogvx_core.cli import main
 
+pytestmark = pytest.mark.slow  # diffusers runs beside every CLI run (CI runs them; the quick set does not)
+
 PROMPT = "a small red fox runs along the river under a stormy sky"
 STEPS, FRAMES, SEED = 4, 9, 7
 
@@ -71,6 +73,7 @@ def _image(h, w, seed=0):
     return Image.fromarray(np.clip(base + g.normal(0, 20, (h, w, 3)), 0, 255).astype(np.uint8))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant,h,w", [("5b-i2v", 128, 192), ("1.5-5b-i2v", 96, 128)])
 def test_image_to_video_matches_reference(tmp_path, folders, variant, h, w):
     folder = folders(variant)
@@ -108,6 +111,7 @@ def test_bad_arguments_exit_with_one_line(tmp_path, folders, capsys):
     assert "text-to-video model and cannot take a start image" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_lora_flag_matches_reference_load_lora_weights(tmp_path, folders):
     """`--lora FILE:0.7` equals diffusers' load_lora_weights + set_adapters(0.7) on the same pipeline."""
     from cogvx_core import load_transformer

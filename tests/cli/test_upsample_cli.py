@@ -105,6 +105,7 @@ def test_bad_arguments_are_one_line_and_exit_2(llm, capsys, argv, message):
     assert code == 2 and out == "" and err.count("\n") == 1 and message in err
 
 
+@pytest.mark.slow
 def test_missing_folder_in_a_real_process_has_no_traceback(tmp_path):
     missing = tmp_path / "models" / "LLM" / "nope"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}

@@ -46,6 +46,7 @@ KILL_WRITER = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_sigkill_mid_write_keeps_the_previous_file(tmp_path):
     final = tmp_path / "lora.safetensors"
     final.write_bytes(b"the previous complete file")
@@ -60,6 +61,7 @@ def test_sigkill_mid_write_keeps_the_previous_file(tmp_path):
     assert final.read_bytes() == b"the previous complete file"
 
 
+@pytest.mark.slow
 def test_sigkill_while_encoding_a_video_keeps_the_previous_video(tmp_path):
     final = tmp_path / "clip.mp4"
     write_frames(frames(5, seed=1), final, fps=8)
@@ -240,6 +242,7 @@ def test_folder_lock_refuses_a_second_process_and_frees_on_kill(tmp_path):
     FolderLock(folder).release()  # a killed holder leaves no stale lock
 
 
+@pytest.mark.slow
 def test_folder_lock_is_shared_in_one_process_and_released_with_its_holders(tmp_path):
     folder = tmp_path / f"ckpt-{uuid.uuid4().hex}"
     a, b = FolderLock(folder), FolderLock(folder)

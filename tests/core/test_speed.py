@@ -52,6 +52,7 @@ def test_blocks_share_one_graph_and_steps_do_not_recompile():
     assert _graphs() - before == 2
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(compiler_problem("cpu") is not None, reason=str(compiler_problem("cpu")))
 def test_inductor_compiles_once_and_matches_eager():
     """inductor on the CPU (needs a C++ compiler; skipped with the reason when none is installed)."""

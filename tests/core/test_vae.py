@@ -167,6 +167,7 @@ def _reference_tiled(reference, fn, x, **tiles):
             setattr(reference, a, v)
 
 
+@pytest.mark.slow
 def test_tiled_decode_matches_diffusers(pair):
     ours, reference, _ = pair
     z = _latents(1, 4, 3, 7, 7, seed=7)  # 4x4-latent tiles with stride 3: 3 x 3 tiles, blended both ways
@@ -185,6 +186,7 @@ def test_tiled_decode_matches_diffusers(pair):
     assert rel_l2(got, expected) <= TOL
 
 
+@pytest.mark.slow
 def test_tiled_encode_matches_diffusers(pair):
     ours, reference, _ = pair
     x = _pixels(1, 3, 9, 72, 88, seed=8)  # 32x32-pixel tiles with stride 24: 3 x 4 tiles
@@ -200,6 +202,7 @@ def test_tiled_encode_matches_diffusers(pair):
         assert rel_l2(ours.encode(x, tiling=tiling(ODD_TILES)), expected) <= TOL
 
 
+@pytest.mark.slow
 def test_tiled_true_uses_the_reference_defaults_from_the_config(pair):
     ours, reference, _ = pair
     z = _latents(1, 4, 2, 9, 16, seed=9)  # default tiles: 6x10 latents, overlap 1/6 and 1/5: 2 x 2 tiles

@@ -1,6 +1,7 @@
 """CogVXLoraLoader in plain Python: the node chain with a LoRA equals diffusers' load_lora_weights at that strength."""
 
 import numpy as np
+import pytest
 import torch
 
 from builders import psnr, reference_pipeline
@@ -20,6 +21,7 @@ def _make_lora(models_root):
     return save_lora(models_root / "loras" / "style.safetensors", model, rank=4, alpha=8, variant="5b")
 
 
+@pytest.mark.slow
 def test_lora_node_matches_reference_and_reweights_without_reload(models):
     lora = _make_lora(models)
     assert "style.safetensors" in N["CogVXLoraLoader"].INPUT_TYPES()["required"]["lora_name"][0]

@@ -21,6 +21,8 @@ from cogvx_core.parallel.groups import check_heads, degrees
 from cogvx_core.pipeline import load_pipeline
 from parallel_kit import PROMPT, generate, torchrun
 
+pytestmark = pytest.mark.slow  # process groups of 2-4 workers (CI runs them; the quick set does not)
+
 MODES = ("cfg", "sequence", "cfg+sequence")
 
 

@@ -112,6 +112,7 @@ def test_text_encode_node_shows_the_unknown_words(text_encoder):
     assert CogVXTextEncode().encode(t5, PROMPT)["ui"]["text"] == []
 
 
+@pytest.mark.slow
 def test_generate_prints_each_note_once(tmp_path):
     run = subprocess.run([sys.executable, "-m", "cogvx_core", "generate", "--prompt", PROMPT + " zorblax",
                           "--frames", "10", "--steps", "1", "--out", str(tmp_path / "v.gif")], cwd=ROOT,

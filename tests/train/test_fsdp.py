@@ -19,6 +19,8 @@ from cogvx_core.train.trainer import Trainer, TrainSettings, latest_checkpoint
 from trainkit import load_parts, small_dataset, train_like_ranks
 from train_worker import SETTINGS
 
+pytestmark = pytest.mark.slow  # process groups of 2-4 workers (CI runs them; the quick set does not)
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 STEPS = 4

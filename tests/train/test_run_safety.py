@@ -56,6 +56,7 @@ def test_a_second_run_on_a_locked_checkpoint_folder_is_refused(setup, tmp_path):
     assert _trainer(setup, ckpt).checkpoint_dir == ckpt  # free again once the other run is gone
 
 
+@pytest.mark.slow
 def test_a_trainer_holds_its_folder_against_other_processes(setup, tmp_path):
     ckpt = tmp_path / "ckpt"
     trainer = _trainer(setup, ckpt)
