@@ -106,7 +106,7 @@ def resolve(cache: StepCache | None, variant, *, released: bool, model_dir: str 
             coefficients_file: str | Path | None = None) -> StepCache | None:
     """Fill in TeaCache's coefficients: a given calibration file, else the one beside the model folder, else the
     published polynomial of the variant when the model has a released size (`released`, see
-    pipeline.is_released_size). A model of another size has to be calibrated."""
+    transformer.released_size). A model of another size has to be calibrated."""
     if cache is None or cache.kind != "teacache" or cache.coefficients is not None:
         return cache
     for path in (coefficients_file, Path(model_dir) / CACHE_FILE if model_dir is not None else None):

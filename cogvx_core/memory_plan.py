@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass, field, replace
 import torch
 
 from .errors import CogVXError
+from .vae import Tiling, decode_tile_layout
 
 GiB = 1024**3
 T5_XXL = dict(vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
@@ -127,8 +128,6 @@ class Plan:
 
     def decode_kwargs(self) -> dict:
         """The decode's tile settings as `CogVideoXPipeline.generate` / `CausalVAE.decode` take them."""
-        from .vae import Tiling
-
         tile = self.request.tile
         return {} if tile is None else dict(tiling=Tiling(tile_height=tile[0], tile_width=tile[1]))
 
@@ -285,10 +284,12 @@ def decode_activations(vae_config: dict, batch: int, latent_frames: int, height:
             peak = max(peak, held + batch * 3 * frames * th * tw * e + DECODE_FRAME_UNITS * 8 * unit + caches)
         return int(peak)
 
-    if tile is None:
+    layout = None if tile is None else decode_tile_layout(cfg, height // 8, width // 8,
+                                                          Tiling(tile_height=tile[0], tile_width=tile[1]))
+    if layout is None:  # untiled, or one tile covers the frame (the VAE then decodes untiled)
         peak = tile_peak(height, width, 0)
     else:
-        rows, cols = tile_grid(cfg, height // 8, width // 8, tile)
+        rows, cols = [th for _, th in layout.rows], [tw for _, tw in layout.cols]
         peak, above = 0, []
         for r, th in enumerate(rows):
             row = []
@@ -299,18 +300,6 @@ def decode_activations(vae_config: dict, batch: int, latent_frames: int, height:
             above = row
     convert = 2 * video + batch * 3 * frames * height * width * (4 if e < 4 else e)  # / 2 + 0.5, clamp, float()
     return int(max(peak, convert))
-
-
-def tile_grid(vae_config: dict, latent_h: int, latent_w: int, tile: tuple[int, int]) -> tuple[list[int], list[int]]:
-    """Output pixel heights of the tile rows and widths of the tile columns of a tiled decode (the VAE's default
-    overlaps, 1/6 and 1/5)."""
-    f = 2 ** (len(vae_config["block_out_channels"]) - 1)
-    sizes = []
-    for extent, pixels, overlap in ((latent_h, tile[0], 1 / 6), (latent_w, tile[1], 1 / 5)):
-        latent = int(pixels / f)
-        stride = int(latent * (1 - overlap))
-        sizes.append([f * min(latent, extent - i) for i in range(0, extent, stride)])
-    return sizes[0], sizes[1]
 
 
 def _pixel_frames(vae_config: dict, latent_frames: int) -> int:

@@ -77,10 +77,6 @@ def scaling(vae, variant: Variant) -> tuple[float, bool]:
             variant.invert_scale_latents if sf is None or invert is None else bool(invert))
 
 
-def is_released_size(transformer: CogVideoXTransformer) -> bool:
-    return transformer.released_size
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # Steps
 # ---------------------------------------------------------------------------------------------------------------
@@ -334,7 +330,7 @@ class CogVideoXPipeline:
         default_frames, default_height, default_width = transformer.default_size()
         frames, height, width = frames or default_frames, height or default_height, width or default_width
         new_f, new_h, new_w, notes = snap_request(variant, frames, height, width, has_image=image is not None,
-                                                  released=is_released_size(transformer), name=transformer.name,
+                                                  released=transformer.released_size, name=transformer.name,
                                                   learned_size=transformer.learned_size)
         if video is not None and (new_f, new_h, new_w) != (frames, height, width):
             raise CogVXError(f"The input video has {frames} frames of {width}x{height}; video-to-video needs 4k+1 "

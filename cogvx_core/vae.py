@@ -170,6 +170,47 @@ class TileLayout:
         return [(i, j, th, tw) for i, th in self.rows for j, tw in self.cols]
 
 
+def tile_grid(config: dict, tiling: Tiling | None) -> _TileGrid | None:
+    """A VAE config's tiling settings (the reference's `enable_tiling` semantics: unset or 0 means the default), or
+    None for an untiled run. Functions of the config, so the memory planner lays out tiles without a model."""
+    if tiling is None:
+        return None
+    factor = _spatial_factor(config)
+    sample_h = tiling.tile_height or config["sample_height"] // 2
+    sample_w = tiling.tile_width or config["sample_width"] // 2
+    grid = _TileGrid(sample_h=sample_h, sample_w=sample_w, latent_h=int(sample_h / factor),
+                     latent_w=int(sample_w / factor), overlap_h=tiling.overlap_height or 1 / 6,
+                     overlap_w=tiling.overlap_width or 1 / 5)
+    for axis, sample, latent, overlap in (("height", grid.sample_h, grid.latent_h, grid.overlap_h),
+                                          ("width", grid.sample_w, grid.latent_w, grid.overlap_w)):
+        if not 0 < overlap < 1 or int(latent * (1 - overlap)) < 1:
+            raise CogVXError(
+                f"VAE tiling: tiles of {sample} pixels with overlap {overlap} leave no stride along {axis}. Use "
+                f"tiles of at least {2 * factor} pixels and overlap factors between 0 and 1 (the defaults are 1/6 "
+                "and 1/5).")
+    return grid
+
+
+def decode_tile_layout(config: dict, height: int, width: int, tiling: Tiling | None) -> TileLayout | None:
+    """Where the decode tiles of latents of height x width cells lie; None when tiling is off or one tile covers
+    them (the decode then runs untiled)."""
+    s = tile_grid(config, tiling)
+    if s is None or (width <= s.latent_w and height <= s.latent_h):
+        return None
+    f = _spatial_factor(config)
+    stride_h = int(s.latent_h * (1 - s.overlap_h))
+    stride_w = int(s.latent_w * (1 - s.overlap_w))
+    blend_h = int(s.sample_h * s.overlap_h)
+    blend_w = int(s.sample_w * s.overlap_w)
+    rows = [(i, f * min(s.latent_h, height - i)) for i in range(0, height, stride_h)]
+    cols = [(j, f * min(s.latent_w, width - j)) for j in range(0, width, stride_w)]
+    return TileLayout(s, rows, cols, blend_h, blend_w, s.sample_h - blend_h, s.sample_w - blend_w)
+
+
+def _spatial_factor(config: dict) -> int:
+    return 2 ** (len(config["block_out_channels"]) - 1)
+
+
 class CausalVAE(nn.Module):
     """AutoencoderKLCogVideoX: `encode` pixels (B, 3, 4k+1, H, W) in [-1, 1] to latents (B, 16, k+1, H/8, W/8),
     `decode` latents back. Latents are unscaled here; the pipeline applies `scaling_factor`."""
@@ -182,7 +223,7 @@ class CausalVAE(nn.Module):
         self.invert_scale_latents: bool = bool(cfg["invert_scale_latents"])
         boc = list(cfg["block_out_channels"])
         self.time_levels = int(math.log2(cfg["temporal_compression_ratio"]))
-        self.spatial_factor = 2 ** (len(boc) - 1)
+        self.spatial_factor = _spatial_factor(cfg)
         self.encoder = Encoder3D(cfg["in_channels"], cfg["latent_channels"], boc, cfg["layers_per_block"],
                                  cfg["norm_num_groups"], cfg["norm_eps"], self.time_levels, operations)
         self.decoder = Decoder3D(cfg["latent_channels"], cfg["out_channels"], boc, cfg["layers_per_block"],
@@ -270,24 +311,6 @@ class CausalVAE(nn.Module):
 
     # ---------------------------------------------------------------- tiling settings
 
-    def _tile_grid(self, tiling: Tiling | None) -> _TileGrid | None:
-        """The reference's tiling settings (`enable_tiling` semantics: unset or 0 means the default), or None."""
-        if tiling is None:
-            return None
-        sample_h = tiling.tile_height or self.config["sample_height"] // 2
-        sample_w = tiling.tile_width or self.config["sample_width"] // 2
-        grid = _TileGrid(sample_h=sample_h, sample_w=sample_w, latent_h=int(sample_h / self.spatial_factor),
-                         latent_w=int(sample_w / self.spatial_factor), overlap_h=tiling.overlap_height or 1 / 6,
-                         overlap_w=tiling.overlap_width or 1 / 5)
-        for axis, sample, latent, overlap in (("height", grid.sample_h, grid.latent_h, grid.overlap_h),
-                                              ("width", grid.sample_w, grid.latent_w, grid.overlap_w)):
-            if not 0 < overlap < 1 or int(latent * (1 - overlap)) < 1:
-                raise CogVXError(
-                    f"VAE tiling: tiles of {sample} pixels with overlap {overlap} leave no stride along {axis}. Use "
-                    f"tiles of at least {2 * self.spatial_factor} pixels and overlap factors between 0 and 1 (the "
-                    "defaults are 1/6 and 1/5).")
-        return grid
-
     # ---------------------------------------------------------------- encode
 
     def encode_posterior(self, pixels: torch.Tensor, *, tiling: Tiling | None = None,
@@ -295,7 +318,7 @@ class CausalVAE(nn.Module):
         """pixels (B, 3, 4k+1, H, W) in [-1, 1] -> the posterior over latents (B, latent, k+1, H/8, W/8)."""
         self._check_pixels(pixels)
         pixels = pixels.to(device=self.device, dtype=self.dtype)
-        grid = self._tile_grid(tiling)
+        grid = tile_grid(self.config, tiling)
         height, width = pixels.shape[-2:]
         with self._autograd(pixels):
             if grid and (width > grid.sample_w or height > grid.sample_h):
@@ -367,18 +390,7 @@ class CausalVAE(nn.Module):
 
     def tile_layout(self, z: torch.Tensor, tiling: Tiling | None) -> "TileLayout | None":
         """Where the decode tiles of latents z (B, C, t, h, w) lie; None when `tiling` is off or z fits one tile."""
-        s = self._tile_grid(tiling)
-        height, width = z.shape[-2:]
-        if s is None or (width <= s.latent_w and height <= s.latent_h):
-            return None
-        f = self.spatial_factor
-        stride_h = int(s.latent_h * (1 - s.overlap_h))
-        stride_w = int(s.latent_w * (1 - s.overlap_w))
-        blend_h = int(s.sample_h * s.overlap_h)
-        blend_w = int(s.sample_w * s.overlap_w)
-        rows = [(i, f * min(s.latent_h, height - i)) for i in range(0, height, stride_h)]
-        cols = [(j, f * min(s.latent_w, width - j)) for j in range(0, width, stride_w)]
-        return TileLayout(s, rows, cols, blend_h, blend_w, s.sample_h - blend_h, s.sample_w - blend_w)
+        return decode_tile_layout(self.config, z.shape[-2], z.shape[-1], tiling)
 
     def decode_tile(self, z: torch.Tensor, layout: "TileLayout", i: int, j: int,
                     steps: "_Steps | None" = None) -> torch.Tensor:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from .core import CACHE_KINDS, DEFAULT_THRESHOLDS, StepCache, compile_blocks, is_released_size, resolve_cache
+from .core import CACHE_KINDS, DEFAULT_THRESHOLDS, StepCache, compile_blocks, resolve_cache
 
 
 class CogVXCache:
@@ -47,7 +47,7 @@ class CogVXCache:
         if cache != "off":
             source = Path(model.source)
             setting = resolve_cache(StepCache(cache, float(threshold)), model.variant,
-                                    released=is_released_size(model.transformer),
+                                    released=model.transformer.released_size,
                                     model_dir=source if source.is_dir() else None,
                                     coefficients_file=coefficients_file.strip() or None)
         if compile:

@@ -17,7 +17,6 @@ from .core import (
     frames_to_model_input,
     get_variant,
     image_notes,
-    is_released_size,
     latent_frames,
     pil_to_model_input,
     snap_request,
@@ -64,7 +63,7 @@ def _size_inputs(variant_names: list[str], default: str, zero_means_image: bool 
 def _rules(variant: str, model) -> tuple:
     """(Variant, released, model) from the connected model when there is one, else from the combo."""
     if model is not None:
-        return model.variant, is_released_size(model.transformer), model
+        return model.variant, model.transformer.released_size, model
     return get_variant(variant), True, None
 
 

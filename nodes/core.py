@@ -35,8 +35,8 @@ CACHE_KINDS, DEFAULT_THRESHOLDS, CacheRun, StepCache, resolve_cache = _names(
 DEFAULT_TARGETS, applied_loras, apply_loras, load_lora, remove_trainable_lora, save_lora = _names(
     "lora", "DEFAULT_TARGETS applied_loras apply_loras load_lora remove_trainable_lora save_lora")
 [available_attention_backends] = _names("modules.attention", "available_attention_backends")
-run_denoise, decode_latents, encode_moments, is_released_size, latent_shape, prepare_latents, to_raw = _names(
-    "pipeline", "denoise decode encode_moments is_released_size latent_shape prepare_latents to_raw")
+run_denoise, decode_latents, encode_moments, latent_shape, prepare_latents, to_raw = _names(
+    "pipeline", "denoise decode encode_moments latent_shape prepare_latents to_raw")
 [SAMPLERS] = _names("samplers", "SAMPLERS")
 [NoiseSchedule] = _names("schedule", "NoiseSchedule")
 DEFAULT_MAX_LENGTH, TextEncoder, fit_context, load_text_encoder = _names(

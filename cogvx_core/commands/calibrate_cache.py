@@ -66,7 +66,7 @@ def run(args) -> int:
     from ..cache import CACHE_FILE
     from ..calibrate import calibrate, write_calibration
     from ..models import TINY_MODEL
-    from ..pipeline import is_released_size, load_pipeline
+    from ..pipeline import load_pipeline
     from .common import ProgressBar, parse_lora
     from .eval import int_list, model_folder
 
@@ -83,11 +83,8 @@ def run(args) -> int:
         from ..lora import apply_loras, load_lora
 
         apply_loras(pipe.transformer, [(load_lora(p), s) for p, s in map(parse_lora, args.lora)])
-    size = (args.frames, args.height, args.width)
-    if not is_released_size(pipe.transformer):  # a small model: the size it was trained at unless asked
-        cfg = pipe.transformer.config
-        size = (args.frames or cfg["sample_frames"], args.height or cfg["sample_height"] * 8,
-                args.width or cfg["sample_width"] * 8)
+    # unset: the model's own size (the release's, or the size a small model was trained at)
+    size = tuple(a or d for a, d in zip((args.frames, args.height, args.width), pipe.transformer.default_size()))
     builtin = Path(args.model).resolve() == Path(TINY_MODEL).resolve()
     prompts = _prompts(args, builtin)
     result = calibrate(pipe, prompts, steps=steps, sampler=args.sampler, guidance=args.guidance, seed=args.seed,

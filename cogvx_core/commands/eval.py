@@ -66,7 +66,7 @@ def add_arguments(p) -> None:
 
 def run(args) -> int:
     from ..pipeline import load_pipeline
-    from ..recipes.quality import adherence, benchmark_prompts, format_table, heldout_clips, model_size, vae_quality
+    from ..recipes.quality import adherence, benchmark_prompts, format_table, heldout_clips, vae_quality
     from .common import ProgressBar, parse_lora
 
     samplers = [s.strip() for s in args.samplers.split(",") if s.strip()]
@@ -81,7 +81,7 @@ def run(args) -> int:
         from ..lora import apply_loras, load_lora
 
         apply_loras(pipe.transformer, [(load_lora(p), s) for p, s in map(parse_lora, args.lora)])
-    size = model_size(pipe)
+    size = pipe.transformer.default_size()
     prompts = benchmark_prompts(args.prompts, args.split, args.seed)
     report: dict = {"model": args.model, "split": args.split, "prompts": len(prompts), "guidance": args.guidance,
                     "seed": args.seed, "size": {"frames": size[0], "height": size[1], "width": size[2]},
@@ -113,10 +113,9 @@ def _run_caches(args, pipe, prompts, samplers, steps, size, report) -> int:
     """eval --cache: each cache setting against the uncached run (cache_report.compare)."""
     from ..cache import parse_cache, resolve
     from ..recipes.cache_report import compare, format_table, speed_quality_chart
-    from ..pipeline import is_released_size
     from .common import ProgressBar
 
-    settings = [resolve(parse_cache(spec), pipe.variant, released=is_released_size(pipe.transformer),
+    settings = [resolve(parse_cache(spec), pipe.variant, released=pipe.transformer.released_size,
                         model_dir=args.model, coefficients_file=args.cache_coefficients) for spec in args.cache]
     if any(s is None for s in settings):
         raise CogVXError("--cache off compares nothing: name a cache, e.g. --cache teacache:0.3.")

@@ -68,7 +68,6 @@ def add_speed_arguments(p) -> None:
 def speed_settings(args, pipe):
     """The run's StepCache (coefficients resolved) from --cache; compiles the blocks for --compile."""
     from ..cache import parse_cache, resolve
-    from ..pipeline import is_released_size
 
     if args.compile:
         from ..compile import compile_blocks
@@ -77,7 +76,7 @@ def speed_settings(args, pipe):
     cache = parse_cache(args.cache)
     if cache is None and args.cache_coefficients:
         raise CogVXError("--cache-coefficients needs --cache teacache[:THRESHOLD].")
-    return resolve(cache, pipe.variant, released=is_released_size(pipe.transformer), model_dir=args.model,
+    return resolve(cache, pipe.variant, released=pipe.transformer.released_size, model_dir=args.model,
                    coefficients_file=args.cache_coefficients)
 
 

@@ -147,13 +147,13 @@ def lora_demo(model=None, out="out/lora-demo", *, colour: str = LORA_COLOUR, smo
     from ..schedule import NoiseSchedule
     from ..train.trainer import Trainer, TrainSettings
     from ..transformer import CogVideoXTransformer  # noqa: F401  (type of pipe.transformer)
-    from .quality import adherence, benchmark_prompts, model_size
+    from .quality import adherence, benchmark_prompts
 
     model, out = _model_folder(model), Path(out)
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     pipe = load_pipeline(model, dtype=torch.float32)
-    size = model_size(pipe)
+    size = pipe.transformer.default_size()
     text_length = pipe.transformer.config["max_text_seq_length"]
     train_combos, judged_combos = lora_split(colour)
     base_combos = combos_for("train")

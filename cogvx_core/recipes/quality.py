@@ -44,12 +44,6 @@ def benchmark_prompts(n: int, split: str = "heldout", seed: int = 0) -> list[str
     return prompts[:n]
 
 
-def model_size(pipe) -> tuple[int, int, int]:
-    """(frames, height, width) a model was trained at: its transformer's sample size."""
-    cfg = pipe.transformer.config
-    return cfg["sample_frames"], cfg["sample_height"] * 8, cfg["sample_width"] * 8
-
-
 @dataclass
 class AdherenceResult:
     sampler: str
@@ -79,7 +73,7 @@ def adherence(pipe, prompts: list[str], *, sampler: str = "ddim", steps: int = 5
               progress=None, cache=None, videos: list | None = None) -> AdherenceResult:
     """Generates one video per prompt and judges it against its prompt. cache: a resolved cache.StepCache; videos:
     a list the frames (T, H, W, 3) of each video are appended to."""
-    frames, height, width = size or model_size(pipe)
+    frames, height, width = size or pipe.transformer.default_size()
     result = AdherenceResult(sampler, steps, len(prompts), {a: 0 for a in ATTRIBUTES})
     start = time.perf_counter()
     flickers = []

@@ -11,7 +11,7 @@ from cogvx_core.cache import (CACHE_FILE, PUBLISHED_COEFFICIENTS, CacheRun, Step
 from cogvx_core.calibrate import calibrate, fit
 from cogvx_core.errors import CogVXError
 from cogvx_core.models import TINY_MODEL
-from cogvx_core.pipeline import is_released_size, load_pipeline
+from cogvx_core.pipeline import load_pipeline
 from cogvx_core.variants import get_variant
 
 PROMPTS = ["a red circle moves to the left on a black background", "a blue square moves up on a gray background"]
@@ -129,7 +129,7 @@ def test_resolve_published_file_and_refusal(tiny, tmp_path):
 
 
 def test_shipped_calibration_of_the_builtin_model(tiny):
-    assert not is_released_size(tiny.transformer)
+    assert not tiny.transformer.released_size
     coefficients = read_coefficients(TINY_MODEL)
     got = resolve(StepCache("teacache", 0.3), tiny.variant, released=False, model_dir=TINY_MODEL)
     assert got.coefficients == coefficients and len(coefficients) == 5
