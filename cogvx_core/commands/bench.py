@@ -1,4 +1,5 @@
-"""`cogvx bench`: our transformer forward and VAE decode against the reference (diffusers) in the same process.
+"""`cogvx bench`: our transformer forward, VAE decode and T5 encode against the references (diffusers, transformers'
+own T5 layers) in the same process.
 
 Both run the same random weights on the same inputs; the report gives times, peak memory and ours/reference ratios.
 diffusers is needed only here, and only when it is installed.
@@ -33,7 +34,9 @@ def add_arguments(p) -> None:
     p.add_argument("--vae-latents", default="1,16,3,16,24", help="B,C,t,h,w of the latents the VAE decodes")
     p.add_argument("--vae-repeats", type=int, default=1, help="VAE decodes per implementation (each in a fresh "
                    "process on CPU)")
-    p.add_argument("--only", choices=["transformer", "vae"], help="run one of the two benchmarks")
+    p.add_argument("--t5-layers", type=int, default=2, help="T5-XXL encoder blocks for the T5 benchmark (default 2; "
+                   "the released has 24)")
+    p.add_argument("--only", choices=["transformer", "vae", "t5"], help="run one of the three benchmarks")
     p.add_argument("--compile", action="store_true", help="compile both transformers' blocks (regional "
                    "torch.compile, the same for both) before timing")
 
@@ -130,6 +133,35 @@ def bench_transformer(args) -> dict:
     return result
 
 
+T5_XXL = dict(vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_heads=64)
+
+
+def bench_t5(layers: int, repeats: int, device: str = "cpu", dtype=torch.float32, tokens: int = 226,
+             size: dict = T5_XXL) -> dict:
+    """T5-XXL's encoder (or another `size`) cut to `layers` blocks, random weights: our layers (ops.adopt, as the
+    loader builds it) against transformers' own, one prompt of `tokens` tokens."""
+    from transformers import T5Config, T5EncoderModel
+
+    from ..modules.ops import adopt
+
+    cfg = T5Config(**size, num_layers=layers, feed_forward_proj="gated-gelu", is_encoder_decoder=False,
+                   use_cache=False)
+    torch.manual_seed(0)
+    ref = T5EncoderModel(cfg).to(device, dtype).eval().requires_grad_(False)
+    ours = T5EncoderModel(cfg).to(device, dtype).eval().requires_grad_(False)
+    ours.load_state_dict(ref.state_dict())
+    adopt(ours)
+    ids = torch.randint(1, cfg.vocab_size, (1, tokens), generator=torch.Generator().manual_seed(1)).to(device)
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    clock = time.process_time if device == "cpu" and torch.get_num_threads() == 1 else time.perf_counter
+    with torch.no_grad():
+        want, got = ref(input_ids=ids).last_hidden_state, ours(input_ids=ids).last_hidden_state
+        err = ((got.float() - want.float()).norm() / want.float().norm()).item()
+        ref_s, ours_s = _time_pair(lambda: ref(input_ids=ids), lambda: ours(input_ids=ids), repeats, sync, clock)
+    return {"reference_s": ref_s, "ours_s": ours_s, "time_ratio": ours_s / ref_s, "rel_l2": err,
+            "clock": clock.__name__, "tokens": tokens}
+
+
 def run(args) -> int:
     require_reference("bench", "diffusers")
     torch.manual_seed(0)
@@ -143,6 +175,12 @@ def run(args) -> int:
               (f"; peak memory ours {r['ours_peak_mib']:.0f} MiB, reference {r['reference_peak_mib']:.0f} MiB, "
                f"ratio {r['memory_ratio']:.3f}x" if "memory_ratio" in r else "") +
               f"; output rel. L2 difference {r['rel_l2']:.1e}")
+    if args.only in (None, "t5"):
+        print(f"timing the T5 encode ({args.repeats} runs each) ...", file=sys.stderr, flush=True)
+        r = bench_t5(args.t5_layers, args.repeats, device=args.device, dtype=DTYPES[args.dtype])
+        print(f"T5 encode (T5-XXL layers, {args.t5_layers} blocks, {r['tokens']} tokens): ours {r['ours_s'] * 1000:.1f} "
+              f"ms, transformers {r['reference_s'] * 1000:.1f} ms, ratio {r['time_ratio']:.3f}x [{r['clock']}]; output "
+              f"rel. L2 difference {r['rel_l2']:.1e}")
     if args.only in (None, "vae"):
         from ..variants import VAE_DEFAULTS
         from .bench_vae import bench_vae

@@ -1,0 +1,130 @@
+"""Big float32 CPU products through oneDNN (modules/cpu_gemm.py): same results as F.linear, taken only where safe."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch._dynamo.utils import counters
+from torch.profiler import profile
+
+from builders import reference_forward, reference_transformer, randomize_, rel_l2, small_transformer_config
+from cogvx_core.modules import cpu_gemm
+from cogvx_core.modules.ops import Linear
+from cogvx_core.transformer import build_transformer
+
+pytestmark = pytest.mark.skipif(not cpu_gemm.AVAILABLE, reason="this torch build has no oneDNN (mkldnn)")
+
+OP = "cogvx::onednn_linear"
+
+
+def _ran_onednn(fn) -> tuple[torch.Tensor, bool]:
+    """fn()'s result, and whether the oneDNN op ran (the profiler lists the ops actually called)."""
+    with profile() as prof:
+        out = fn()
+    return out, any(e.name == OP for e in prof.events())
+
+
+def _big(seed=0, tokens=600, d_in=1024, d_out=1024):
+    g = torch.Generator().manual_seed(seed)  # 600 x 1024 x 1024 = 6.3e8 multiply-adds: above GEMM_MIN_MACS
+    x = torch.randn(1, tokens, d_in, generator=g)
+    w = torch.randn(d_out, d_in, generator=g) / d_in**0.5
+    b = torch.randn(d_out, generator=g)
+    return x, w, b
+
+
+def test_big_float32_product_runs_on_onednn_and_matches_f_linear():
+    x, w, b = _big()
+    assert x.numel() * w.shape[0] >= cpu_gemm.GEMM_MIN_MACS
+    with torch.no_grad():
+        got, used = _ran_onednn(lambda: cpu_gemm.linear(x, w, b))
+    assert used
+    want = F.linear(x.double(), w.double(), b.double())
+    # float32 rounding only: both within a few ulps of the float64 product, and of each other
+    assert rel_l2(got.double(), want) < 1e-6 and rel_l2(F.linear(x, w, b).double(), want) < 1e-6
+    assert rel_l2(got, F.linear(x, w, b)) < 1e-6
+
+
+@pytest.mark.parametrize("case", ["small", "bfloat16", "gradient", "non-contiguous weight", "disabled"])
+def test_other_products_stay_on_f_linear(case, monkeypatch):
+    x, w, b = _big()
+    grad = False
+    if case == "small":
+        x = x[:, :16]
+    elif case == "bfloat16":
+        x, w, b = x.bfloat16(), w.bfloat16(), b.bfloat16()
+    elif case == "gradient":  # the op has no backward: training must keep autograd's product
+        w.requires_grad_(True)
+        grad = True
+    elif case == "non-contiguous weight":
+        w = w.t().contiguous().t()
+    elif case == "disabled":
+        monkeypatch.setitem(cpu_gemm._state, "enabled", False)
+    with torch.set_grad_enabled(grad):
+        got, used = _ran_onednn(lambda: cpu_gemm.linear(x, w, b))
+        want = F.linear(x, w, b)
+    assert not used
+    assert torch.equal(got, want)
+    if grad:
+        got.sum().backward()
+        assert w.grad is not None
+
+
+def test_set_enabled_switches_the_route():
+    x, w, b = _big()
+    try:
+        cpu_gemm.set_enabled(False)
+        with torch.no_grad():
+            assert not _ran_onednn(lambda: cpu_gemm.linear(x, w, b))[1]
+        cpu_gemm.set_enabled(True)
+        with torch.no_grad():
+            assert _ran_onednn(lambda: cpu_gemm.linear(x, w, b))[1]
+    finally:
+        cpu_gemm.set_enabled(True)
+
+
+def test_core_linear_layer_takes_the_route():
+    x, w, b = _big()
+    layer = Linear(1024, 1024)
+    with torch.no_grad():
+        layer.weight.copy_(w)
+        layer.bias.copy_(b)
+        got, used = _ran_onednn(lambda: layer(x))
+    assert used and rel_l2(got, F.linear(x, w, b)) < 1e-6
+
+
+def test_transformer_on_onednn_keeps_reference_parity(monkeypatch):
+    """Every product of a small model forced onto oneDNN (threshold 0): the reference parity bound still holds."""
+    cfg = small_transformer_config("5b")
+    ours = randomize_(build_transformer(cfg, device="cpu"), seed=3)
+    ref = reference_transformer(cfg, ours.state_dict())
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, cfg["in_channels"], 3, 16, 24, generator=g)
+    ctx = torch.randn(2, cfg["max_text_seq_length"], cfg["text_embed_dim"], generator=g)
+    ts = torch.tensor([999, 421])
+    monkeypatch.setattr(cpu_gemm, "GEMM_MIN_MACS", 0)
+    with torch.no_grad():
+        got, used = _ran_onednn(lambda: ours(x, ts, ctx))
+        want = reference_forward(ref, x, ts, ctx, None)
+    assert used
+    assert rel_l2(got, want) <= 1e-5  # the bound of test_transformer.py's parity tests
+
+
+def test_compiled_block_keeps_the_op_and_one_graph(monkeypatch):
+    """Under torch.compile the product stays one opaque op; blocks still share one graph (weights are inputs)."""
+    monkeypatch.setattr(cpu_gemm, "GEMM_MIN_MACS", 0)
+    torch._dynamo.reset()
+    cfg = small_transformer_config("5b", num_layers=3)
+    model = randomize_(build_transformer(cfg, device="cpu"), seed=1).eval().requires_grad_(False)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, cfg["in_channels"], 3, 8, 8, generator=g)
+    ctx = torch.randn(2, cfg["max_text_seq_length"], cfg["text_embed_dim"], generator=g)
+    ts = torch.tensor([900, 900])
+    with torch.no_grad():
+        eager = model(x, ts, ctx)
+        from cogvx_core.compile import compile_blocks
+
+        compile_blocks(model, backend="aot_eager")
+        before = counters["stats"]["unique_graphs"]
+        compiled, used = _ran_onednn(lambda: model(x, ts, ctx))
+    assert used
+    assert counters["stats"]["unique_graphs"] - before == 1
+    assert torch.equal(compiled, eager)
