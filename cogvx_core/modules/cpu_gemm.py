@@ -1,9 +1,9 @@
 """Big float32 matrix products on the CPU through oneDNN instead of MKL's sgemm.
 
-torch's F.linear hands a float32 CPU matmul to MKL. On AMD Zen CPUs MKL's sgemm runs well below the core's FMA rate
-(measured on this project's Zen 4: about 80 GFLOP/s against oneDNN's 95-100 on the transformer's 1378x3072x12288
-product, one thread), while oneDNN's own kernels, which torch ships too, reach it. The arithmetic is the same IEEE
-float32 (only the order of the sums differs: relative differences around 1e-7). `linear` routes a product there
+torch's F.linear hands a float32 CPU matmul to MKL. On AMD Zen CPUs MKL's sgemm is slower than the oneDNN kernels
+that torch also ships (measured on this project's Zen 4, one thread, the transformer's 1378x3072x12288 product: MKL
+78-92 GFLOP/s from run to run, oneDNN 93-98). The arithmetic is the same IEEE float32 (only the order of the sums
+differs: relative differences around 1e-7). `linear` routes a product there
 when it pays: float32, CPU, no gradient wanted (inference), and at least GEMM_MIN_MACS multiply-adds (below that
 oneDNN's per-call overhead loses to MKL). Everything else is F.linear, unchanged. bfloat16 already runs on oneDNN.
 
@@ -15,6 +15,7 @@ elementwise work around it; the weight stays a graph input, so every expert bloc
 from __future__ import annotations
 
 import os
+import platform
 from typing import Optional
 
 import torch
@@ -22,8 +23,10 @@ import torch.nn.functional as F
 
 GEMM_MIN_MACS = 2**29  # about 5e8 multiply-adds (e.g. 512x1024x1024): measured break-even is between 1.3e8 and 1e9
 
-# decided once: torch.compile does not trace torch.backends' queries
-AVAILABLE = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+# Decided once (torch.compile does not trace torch.backends' queries). x86-64 only: that is where it was measured;
+# on ARM, torch's BLAS (Accelerate, OpenBLAS) is the better choice.
+AVAILABLE = (platform.machine().lower() in ("x86_64", "amd64") and torch.backends.mkldnn.is_available()
+             and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
 
 _state = {"enabled": AVAILABLE and os.environ.get("COGVX_CPU_GEMM", "onednn") != "torch"}
 
