@@ -178,8 +178,8 @@ def run(args) -> int:
     if args.only in (None, "t5"):
         print(f"timing the T5 encode ({args.repeats} runs each) ...", file=sys.stderr, flush=True)
         r = bench_t5(args.t5_layers, args.repeats, device=args.device, dtype=DTYPES[args.dtype])
-        print(f"T5 encode (T5-XXL layers, {args.t5_layers} blocks, {r['tokens']} tokens): ours {r['ours_s'] * 1000:.1f} "
-              f"ms, transformers {r['reference_s'] * 1000:.1f} ms, ratio {r['time_ratio']:.3f}x [{r['clock']}]; output "
+        print(f"T5 encode (T5-XXL layers, {args.t5_layers} blocks, {r['tokens']} tokens): "
+              f"ours {r['ours_s'] * 1000:.1f} ms, transformers {r['reference_s'] * 1000:.1f} ms, ratio {r['time_ratio']:.3f}x [{r['clock']}]; output "
               f"rel. L2 difference {r['rel_l2']:.1e}")
     if args.only in (None, "vae"):
         from ..variants import VAE_DEFAULTS

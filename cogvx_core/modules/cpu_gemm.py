@@ -7,19 +7,23 @@ differs: relative differences around 1e-7). `linear` routes a product there
 when it pays: float32, CPU, no gradient wanted (inference), and at least GEMM_MIN_MACS multiply-adds (below that
 oneDNN's per-call overhead loses to MKL). Everything else is F.linear, unchanged. bfloat16 already runs on oneDNN.
 
-The call is a torch custom op (`cogvx::onednn_linear`), so torch.compile keeps it as one opaque kernel and fuses the
-elementwise work around it; the weight stays a graph input, so every expert block still shares one compiled graph.
-`set_enabled(False)` (or COGVX_CPU_GEMM=torch in the environment) restores MKL everywhere.
+The call is a torch custom op (OP_NAME, `cogvx::onednn_linear`), so torch.compile keeps it as one opaque kernel
+and fuses the elementwise work around it; the weight stays a graph input, so every expert block still shares one
+compiled graph. `set_enabled(False)` (or COGVX_CPU_GEMM=torch in the environment) restores MKL everywhere.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import platform
+import re
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
+
+log = logging.getLogger(__name__)
 
 GEMM_MIN_MACS = 2**29  # about 5e8 multiply-adds (e.g. 512x1024x1024): measured break-even is between 1.3e8 and 1e9
 
@@ -41,14 +45,48 @@ def enabled() -> bool:
     return _state["enabled"]
 
 
-@torch.library.custom_op("cogvx::onednn_linear", mutates_args=())
-def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
-    """x (..., in) @ weight (out, in)^T + bias, float32, by oneDNN."""
+ACTIVATIONS = ("none", "gelu_tanh")
+
+
+def _torch_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, activation: str) -> torch.Tensor:
+    out = F.linear(x, weight, bias)
+    return F.gelu(out, approximate="tanh") if activation == "gelu_tanh" else out
+
+
+def _onednn_product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                    activation: str) -> torch.Tensor:
+    if activation == "gelu_tanh":
+        return torch.ops.mkldnn._linear_pointwise(x.contiguous(), weight, bias, "gelu", [], "tanh")
     return torch.ops.mkldnn._linear_pointwise(x.contiguous(), weight, bias, "none", [], "")
 
 
+# One op per copy of this module. A host can import the core under two names (a ComfyUI pack path and plain
+# `cogvx_core`; pytest does, through the repo's __init__.py), and a second registration of one name leaves torch
+# calling the first copy's function, or failing at random ("vector::reserve").
+OP_NAME = "cogvx::onednn_linear" + ("" if __name__ == "cogvx_core.modules.cpu_gemm" else
+                                    "_" + re.sub(r"\W", "_", __name__))
+
+
+@torch.library.custom_op(OP_NAME, mutates_args=())
+def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                  activation: str) -> torch.Tensor:
+    """x (..., in) @ weight (out, in)^T + bias, float32, by oneDNN; then the activation, fused into the product
+    ("gelu_tanh" costs nothing there, a separate pass over the (tokens, 4 * dim) output otherwise).
+
+    If oneDNN raises, the product is F.linear's and the route is off for the rest of the process, with one warning:
+    a torch build's oneDNN problem costs speed, never a run."""
+    if _state["enabled"]:
+        try:
+            return _onednn_product(x, weight, bias, activation)
+        except (RuntimeError, ValueError) as e:
+            _state["enabled"] = False
+            log.warning("cogvx: oneDNN float32 products failed here (%s: %s); using torch's F.linear from now on",
+                        type(e).__name__, e)
+    return _torch_linear(x, weight, bias, activation)
+
+
 @onednn_linear.register_fake
-def _(x, weight, bias):
+def _(x, weight, bias, activation):
     return x.new_empty(*x.shape[:-1], weight.shape[0])
 
 
@@ -65,8 +103,12 @@ def _use_onednn(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     return x.numel() * weight.shape[0] >= GEMM_MIN_MACS  # (tokens * in) * out
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear(x, weight, bias), on oneDNN when that is faster (see the module's text)."""
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+           activation: str = "none") -> torch.Tensor:
+    """F.linear(x, weight, bias) followed by the activation ("none", or "gelu_tanh": GELU with the tanh
+    approximation), on oneDNN when that is faster (see the module's text)."""
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation {activation!r}: expected one of {ACTIVATIONS}")
     if _use_onednn(x, weight, bias):
-        return onednn_linear(x, weight, bias)
-    return F.linear(x, weight, bias)
+        return onednn_linear(x, weight, bias, activation)
+    return _torch_linear(x, weight, bias, activation)

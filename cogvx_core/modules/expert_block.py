@@ -50,7 +50,11 @@ class FeedForward(nn.Module):
                                   nn.Dropout(0.0)])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = torch.nn.functional.gelu(self.net[0].proj(x), approximate="tanh")
+        proj = self.net[0].proj
+        if type(proj) is core_ops.Linear and not proj._forward_hooks:
+            h = proj(x, activation="gelu_tanh")  # the core's layer fuses the GELU (a LoRA hook must see the product)
+        else:
+            h = torch.nn.functional.gelu(proj(x), approximate="tanh")
         return self.net[2](h)
 
 

@@ -30,8 +30,9 @@ def _cast(t: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor | None:
 
 
 class Linear(nn.Linear):
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return cpu_gemm.linear(x, _cast(self.weight, x), _cast(self.bias, x))  # F.linear, or oneDNN on a CPU
+    def forward(self, x: torch.Tensor, activation: str = "none") -> torch.Tensor:
+        """activation: "none" or "gelu_tanh", applied to the output (fused into a oneDNN product on a CPU)."""
+        return cpu_gemm.linear(x, _cast(self.weight, x), _cast(self.bias, x), activation)
 
 
 class Conv2d(nn.Conv2d):
