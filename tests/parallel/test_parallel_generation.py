@@ -112,9 +112,11 @@ def test_cli_parallel_without_torchrun_says_how_to_launch(pipeline_folders, tmp_
     assert "torchrun --nproc-per-node N -m cogvx_core generate" in capsys.readouterr().err
 
 
-def test_bench_parallel_traffic_and_memory(tmp_path):
+def test_bench_parallel_traffic_and_memory(tmp_path, monkeypatch):
     """The measurement behind the README's table, at a small size: each rank's activation peak is its share of the
-    tokens (the text stays on every rank), the bytes sent per forward are the analytic all-to-all and gather count."""
+    tokens (the text stays on every rank), the bytes sent per forward are the analytic all-to-all and gather count.
+    Products as on a GPU (F.linear): the CPU-only oneDNN route's fused GELU moves the single-process peak."""
+    monkeypatch.setenv("COGVX_CPU_GEMM", "torch")
     out = tmp_path / "bench.json"
     run = torchrun(2, ["-m", "cogvx_core", "bench-parallel", "--frames", "9", "--height", "128", "--width", "192",
                        "--device", "cpu", "--out", str(out)], cwd=tmp_path)
