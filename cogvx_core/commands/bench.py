@@ -10,6 +10,7 @@ from __future__ import annotations
 import statistics
 import sys
 import time
+from collections.abc import Callable
 
 import torch
 
@@ -54,6 +55,13 @@ def _time_pair(ref_fn, our_fn, repeats: int, sync, clock=time.perf_counter) -> t
             sync()
             times[fn].append(clock() - start)
     return statistics.median(times[ref_fn]), statistics.median(times[our_fn])
+
+
+def _clock(device) -> Callable[[], float]:
+    """On one CPU thread, the process's CPU time (which other programs' load on a shared machine does not inflate);
+    otherwise the wall clock."""
+    one_cpu_thread = torch.device(device).type == "cpu" and torch.get_num_threads() == 1
+    return time.process_time if one_cpu_thread else time.perf_counter
 
 
 def _cuda_peak(fn) -> float:
@@ -120,8 +128,7 @@ def bench_transformer(args) -> dict:
     with torch.no_grad():
         err = ((run_ours().float() - run_ref().permute(0, 2, 1, 3, 4).float()).norm() /
                run_ref().float().norm()).item()
-        # one CPU thread: time by CPU time, which other programs' load on a shared machine does not inflate
-        clock = time.process_time if device.type == "cpu" and torch.get_num_threads() == 1 else time.perf_counter
+        clock = _clock(device)
         result["clock"] = clock.__name__
         result["reference_s"], result["ours_s"] = _time_pair(run_ref, run_ours, args.repeats, sync, clock)
         if device.type == "cuda":
@@ -153,7 +160,7 @@ def bench_t5(layers: int, repeats: int, device: str = "cpu", dtype=torch.float32
     adopt(ours)
     ids = torch.randint(1, cfg.vocab_size, (1, tokens), generator=torch.Generator().manual_seed(1)).to(device)
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
-    clock = time.process_time if device == "cpu" and torch.get_num_threads() == 1 else time.perf_counter
+    clock = _clock(device)
     with torch.no_grad():
         want, got = ref(input_ids=ids).last_hidden_state, ours(input_ids=ids).last_hidden_state
         err = ((got.float() - want.float()).norm() / want.float().norm()).item()
@@ -179,8 +186,8 @@ def run(args) -> int:
         print(f"timing the T5 encode ({args.repeats} runs each) ...", file=sys.stderr, flush=True)
         r = bench_t5(args.t5_layers, args.repeats, device=args.device, dtype=DTYPES[args.dtype])
         print(f"T5 encode (T5-XXL layers, {args.t5_layers} blocks, {r['tokens']} tokens): "
-              f"ours {r['ours_s'] * 1000:.1f} ms, transformers {r['reference_s'] * 1000:.1f} ms, ratio {r['time_ratio']:.3f}x [{r['clock']}]; output "
-              f"rel. L2 difference {r['rel_l2']:.1e}")
+              f"ours {r['ours_s'] * 1000:.1f} ms, transformers {r['reference_s'] * 1000:.1f} ms, "
+              f"ratio {r['time_ratio']:.3f}x [{r['clock']}]; output rel. L2 difference {r['rel_l2']:.1e}")
     if args.only in (None, "vae"):
         from ..variants import VAE_DEFAULTS
         from .bench_vae import bench_vae

@@ -3,9 +3,9 @@
 torch's F.linear hands a float32 CPU matmul to MKL. On AMD Zen CPUs MKL's sgemm is slower than the oneDNN kernels
 that torch also ships (measured on this project's Zen 4, one thread, the transformer's 1378x3072x12288 product: MKL
 78-92 GFLOP/s from run to run, oneDNN 93-98). The arithmetic is the same IEEE float32 (only the order of the sums
-differs: relative differences around 1e-7). `linear` routes a product there
-when it pays: float32, CPU, no gradient wanted (inference), and at least GEMM_MIN_MACS multiply-adds (below that
-oneDNN's per-call overhead loses to MKL). Everything else is F.linear, unchanged. bfloat16 already runs on oneDNN.
+differs: relative differences around 1e-7). `linear` routes a product there when it pays: float32, an x86-64 CPU,
+no gradient wanted (inference), and at least GEMM_MIN_MACS multiply-adds (below that oneDNN's per-call overhead
+loses to MKL). Everything else is F.linear, unchanged. bfloat16 already runs on oneDNN.
 
 The call is a torch custom op (OP_NAME, `cogvx::onednn_linear`), so torch.compile keeps it as one opaque kernel
 and fuses the elementwise work around it; the weight stays a graph input, so every expert block still shares one

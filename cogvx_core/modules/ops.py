@@ -5,8 +5,8 @@ GroupNorm, Embedding), as ComfyUI's own models take `operations=`: a host can pa
 `comfy.ops.disable_weight_init`, whose layers cast and move their weights in forward when ComfyUI streams them.
 The default is this module's own classes, which compute in the input's dtype whatever dtype their weights are
 stored in. This is what lets weights live in fp8 (e4m3fn) while the math runs in bf16/fp16, and bf16 weights run
-fp32 math. When storage and input dtypes agree the casts are no-ops, so the layers cost the same as torch's; big float32
-products on a CPU go to oneDNN rather than MKL (cpu_gemm), which is faster there.
+fp32 math. When storage and input dtypes agree the casts are no-ops, so the layers cost the same as torch's; big
+float32 products on a CPU go to oneDNN rather than MKL (cpu_gemm), which is faster there.
 """
 
 from __future__ import annotations

@@ -64,4 +64,4 @@ def test_bench_t5_times_our_layers_against_transformers_on_one_prompt():
 
     r = bench_t5(1, repeats=1, tokens=24, size=dict(vocab_size=64, d_model=64, d_kv=16, d_ff=128, num_heads=4))
     assert r["rel_l2"] < 1e-6  # the same weights through our layer classes: the same encoding
-    assert r["ours_s"] > 0 and r["reference_s"] > 0 and r["time_ratio"] == r["ours_s"] / r["reference_s"]
+    assert r["ours_s"] > 0 and r["reference_s"] > 0
